@@ -1,0 +1,35 @@
+# The two commands the README starts with:
+#   make serve   set up .venv and run the main job (a local cluster on the tiny preset, CPU)
+#   make test    set up .venv and run the test suite (what .ci/run calls)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch installs fast from the local index; GPU hosts bring their own torch.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint gpu-test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+serve: setup
+	$(VENV)/bin/pdserve generate --model tiny --max-tokens 24 "Hello, ERNIE!"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# pytest exits 5 when it collects nothing, so an empty run fails here rather than passing silently.
+test: setup lint
+	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+
+gpu-test:
+	python3 -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
