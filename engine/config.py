@@ -130,9 +130,7 @@ class ModelConfig:
             raise ConfigError(f"config.json must hold a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -295,8 +293,7 @@ class EngineConfig:
         max_len = self.scheduler.max_model_len
         _require(
             max_len is None or max_len <= self.model.max_position_embeddings,
-            f"max_model_len {max_len} exceeds the model's max_position_embeddings "
-            f"{self.model.max_position_embeddings}",
+            f"max_model_len {max_len} exceeds the model's max_position_embeddings {self.model.max_position_embeddings}",
         )
         if not self.scheduler.enable_chunked_prefill:
             _require(
