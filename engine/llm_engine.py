@@ -1,0 +1,170 @@
+"""One engine: a model, its KV pool, a scheduler, and the step loop.
+
+    step() = schedule → execute → update
+
+Roles (prefill, decode, mixed) wrap this loop: they add requests, poll transfers and stream
+outputs; they never add branches inside `step()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager, BlockStats
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
+from engine.loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import RequestOutput, Scheduler
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine can never serve (empty prompt, too long, unknown token ids...)."""
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """Facts found at start-up, passed explicitly to whoever needs them."""
+
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+    kv_spec: KVCacheSpec
+    model_id: str
+    model_hash: str
+
+
+class LLMEngine:
+    """Not thread-safe: one thread calls add_request / abort / step (roles funnel work to it)."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        model_cfg = loaded.config
+        device = torch.device(config.device)
+        dtype = next(loaded.model.parameters()).dtype
+        num_blocks = plan_num_blocks(model_cfg, config.cache, dtype, device)
+        spec = KVCacheSpec(
+            num_layers=model_cfg.num_hidden_layers,
+            num_blocks=num_blocks,
+            block_size=config.cache.block_size,
+            num_kv_heads=model_cfg.num_key_value_heads,
+            head_dim=model_cfg.head_dim,
+            dtype=dtype,
+        )
+        self.kv_cache = allocate_kv_cache(spec, device)
+        self.block_manager = BlockManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
+        self.runner = ModelRunner(loaded.model, self.kv_cache, spec.block_size, seed=config.seed)
+        self.runtime = RuntimeInfo(
+            num_kv_blocks=num_blocks,
+            block_size=spec.block_size,
+            max_model_len=config.max_model_len,
+            eos_token_ids=frozenset(model_cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids),
+            vocab_size=model_cfg.vocab_size,
+            kv_spec=spec,
+            model_id=loaded.model_id,
+            model_hash=loaded.model_hash,
+        )
+        self.requests: dict[str, Request] = {}
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str = "tiny",
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        seed: int = 0,
+        cache: CacheConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+    ) -> LLMEngine:
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+        config = EngineConfig(
+            model=loaded.config,
+            cache=cache or CacheConfig(),
+            scheduler=scheduler or SchedulerConfig(max_model_len=min(loaded.config.max_position_embeddings, 8192)),
+            device=device,
+            seed=seed,
+        )
+        return cls(config, loaded)
+
+    # ----------------------------------------------------------------------------- requests
+    def make_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
+        """Validate and build a request (not yet scheduled). Raises InvalidRequestError."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.runtime.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
+        max_len = self.runtime.max_model_len
+        if len(ids) >= max_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens but the context holds {max_len} (room for at least one output token)"
+            )
+        if self.block_manager.num_blocks_for(len(ids) + 1) > self.runtime.num_kv_blocks:
+            raise InvalidRequestError(
+                f"prompt of {len(ids)} tokens needs more KV blocks than the pool has ({self.runtime.num_kv_blocks})"
+            )
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        return Request(request_id, ids, params, eos_token_ids=self.runtime.eos_token_ids)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
+        request = self.make_request(request_id, prompt_token_ids, params)
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Abort and free a request; idempotent (False when unknown or already finished)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort(request)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # ----------------------------------------------------------------------------- the loop
+    def step(self) -> list[RequestOutput]:
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return []
+        sampled = self.runner.execute(output)
+        results = self.scheduler.update(output, sampled)
+        for result in results:
+            if result.finished:
+                self.requests.pop(result.request_id, None)
+        return results
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request from outside the loop (e.g. a stop string matched in its text)."""
+        self.scheduler.finish(request, status)
+        self.requests.pop(request.request_id, None)
+
+    def block_stats(self) -> BlockStats:
+        return self.block_manager.stats()
+
+    def check_idle_invariants(self) -> None:
+        """An idle engine holds no blocks: free + cached == total, nothing used."""
+        self.block_manager.check_invariants()
+        stats = self.block_manager.stats()
+        if not self.scheduler.has_work and stats.num_used != 0:
+            raise RuntimeError(f"idle engine still holds {stats.num_used} KV blocks")
