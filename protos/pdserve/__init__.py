@@ -1,0 +1,1 @@
+"""pdserve's protocol buffers, by API version."""
