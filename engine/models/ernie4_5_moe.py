@@ -1,0 +1,307 @@
+"""ERNIE-4.5 MoE text model over the paged KV cache.
+
+The arithmetic follows transformers' `Ernie4_5_MoeForCausalLM` (the definition of correctness);
+the layout follows the engine's needs:
+
+* one flat batch of tokens `[T]` from many sequences, described by `AttentionMetadata`;
+* projections are fused where the math allows it (`qkv_proj`, `gate_up_proj`) so a step launches
+  fewer GEMMs; `engine.weights` maps Hugging Face keys onto these slices;
+* routed experts live in the fused layout `w13 [E, 2I, H]` (gate rows, then up rows) and
+  `w2 [E, H, I]`, the layout `fused_moe_ref` and the Triton kernel take;
+* the router weight and `e_score_correction_bias` stay float32 whatever the model dtype
+  (transformers keeps them in fp32 too);
+* attention, KV writes, routing and the expert computation are called through one function
+  attribute each (`ModelBackends`), so kernels can be swapped in without touching this file.
+
+Parameters are allocated uninitialised (`torch.empty`) with torch's current default dtype and
+device; fill them with `engine.weights.load_checkpoint` or `engine.presets.init_random_weights`.
+Never call `.to(dtype)` on a built model: that would cast the fp32 router too (build it under the
+wanted default dtype instead, as `engine.loader` does).
+
+Parameter names (what `state_dict()` holds), per layer `model.layers.{i}.`:
+
+    input_layernorm.weight, post_attention_layernorm.weight       [H]
+    self_attn.qkv_proj.weight  [(Hq + 2 Hkv) D, H]  rows: q | k | v  (+ .bias when use_bias)
+    self_attn.o_proj.weight    [H, Hq D]                              (+ .bias)
+    dense layers: mlp.gate_up_proj.weight [2 I, H] rows: gate | up, mlp.down_proj.weight [H, I]
+    MoE layers:   mlp.gate_weight [E, H] fp32, mlp.e_score_correction_bias [E] fp32,
+                  mlp.w13 [E_local, 2 I_moe, H], mlp.w2 [E_local, H, I_moe],
+                  mlp.shared_experts.{gate_up_proj, down_proj}.weight (width I_moe * num_shared)
+
+plus `model.embed_tokens.weight [V, H]`, `model.norm.weight [H]`, and `lm_head.weight [V, H]`
+(only when embeddings are untied) / `lm_head.bias [V]` (only when use_bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.attention import AttentionMetadata, paged_attention_ref, write_kv
+from engine.config import ModelConfig
+from engine.kernels.fused_moe_ref import fused_moe_ref, route_ref
+
+RouteFn = Callable[..., tuple[Tensor, Tensor]]  # route_ref's signature
+ExpertsFn = Callable[..., Tensor]  # fused_moe_ref's signature
+AttentionFn = Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]  # paged_attention_ref's
+WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor], None]  # write_kv's
+
+
+@dataclass(frozen=True)
+class ModelBackends:
+    """The swappable compute functions; the defaults are the plain-torch references."""
+
+    route: RouteFn = route_ref
+    experts: ExpertsFn = fused_moe_ref
+    attention: AttentionFn = paged_attention_ref
+    write_kv: WriteKVFn = write_kv
+
+
+def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype))
+
+
+class Linear(nn.Module):
+    """`y = x @ weight.T + bias` with uninitialised parameters (nn.Linear would spend time on init)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = _empty(out_features, in_features)
+        self.bias = _empty(out_features) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back, then scaled: `weight * (x / rms(x)).to(x.dtype)`."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _empty(hidden_size)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
+    """Inverse frequencies [D/2], fp32, computed as transformers does (bit-identical)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def apply_interleaved_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """GPT-J style RoPE on x [T, heads, D]: dims (2j, 2j+1) rotate by positions * inv_freq[j].
+
+    Computed in fp32 and cast back to x's dtype, like transformers' `apply_rotary_pos_emb`.
+    """
+    angles = positions.float()[:, None] * inv_freq.to(x.device)  # [T, D/2]
+    cos = angles.cos()[:, None, :]  # [T, 1, D/2]
+    sin = angles.sin()[:, None, :]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the paged cache: project, rotate, write K/V, attend, project out."""
+
+    def __init__(self, config: ModelConfig, backends: ModelBackends) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, config.use_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, config.use_bias)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.attention_fn = backends.attention
+        self.write_kv_fn = backends.write_kv
+
+    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor) -> Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = apply_interleaved_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), meta.positions, self.inv_freq)
+        k = apply_interleaved_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), meta.positions, self.inv_freq)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        self.write_kv_fn(kv_layer, k, v, meta.slot_mapping)
+        out = self.attention_fn(q, kv_layer, meta, self.scale)
+        return self.o_proj(out.flatten(-2))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP: `down(silu(gate(x)) * up(x))`, gate and up fused into one projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoE(nn.Module):
+    """Routed experts (top-k of `moe_num_experts`) plus unweighted shared experts.
+
+    Holds experts `[expert_offset, expert_offset + num_local_experts)` only; the router always
+    sees all experts. With fewer than all experts local, `forward` returns this rank's partial
+    sum of the routed part (plus the shared experts): combining ranks is the caller's job.
+    """
+
+    def __init__(
+        self, config: ModelConfig, backends: ModelBackends, expert_range: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        start, end = expert_range if expert_range is not None else (0, config.moe_num_experts)
+        self.num_experts = config.moe_num_experts
+        self.expert_offset = start
+        self.num_local_experts = end - start
+        self.top_k = config.moe_k
+        self.norm_min = config.moe_norm_min
+        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        self.gate_weight = _empty(self.num_experts, hidden, dtype=torch.float32)
+        self.e_score_correction_bias = _empty(self.num_experts, dtype=torch.float32)
+        self.w13 = _empty(self.num_local_experts, 2 * inter, hidden)
+        self.w2 = _empty(self.num_local_experts, hidden, inter)
+        self.shared_experts = (
+            MLP(hidden, inter * config.moe_num_shared_experts, config.use_bias)
+            if config.moe_num_shared_experts > 0
+            else None
+        )
+        self.route_fn = backends.route
+        self.experts_fn = backends.experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        topk_weights, topk_ids = self.route_fn(
+            x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
+        )
+        out = self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_offset)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`."""
+
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, backends: ModelBackends, expert_range: tuple[int, int] | None
+    ) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, backends)
+        self.mlp: MLP | SparseMoE = (
+            SparseMoE(config, backends, expert_range)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size, config.use_bias)
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Ernie4_5_MoeModel(nn.Module):
+    """Embedding, decoder layers and the final norm (transformers' `model.` prefix)."""
+
+    def __init__(
+        self, config: ModelConfig, backends: ModelBackends, expert_range: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__()
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, backends, expert_range) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer_idx, layer in enumerate(self.layers):
+            hidden = layer(hidden, meta, kv_cache[layer_idx])
+        return self.norm(hidden)
+
+
+class LMHead(nn.Module):
+    """Projection to the vocabulary. Owns a weight only when embeddings are untied."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = None if config.tie_word_embeddings else _empty(config.vocab_size, config.hidden_size)
+        self.bias = _empty(config.vocab_size) if config.use_bias else None
+
+    def forward(self, hidden: Tensor, tied_weight: Tensor) -> Tensor:
+        weight = tied_weight if self.weight is None else self.weight
+        return F.linear(hidden, weight, self.bias)
+
+
+def _check_expert_range(config: ModelConfig, expert_range: tuple[int, int] | None) -> None:
+    if expert_range is None:
+        return
+    start, end = expert_range
+    if not 0 <= start < end <= config.moe_num_experts:
+        raise ValueError(f"expert_range {expert_range!r} must satisfy 0 <= start < end <= {config.moe_num_experts}")
+
+
+class Ernie4_5_MoeForCausalLM(nn.Module):
+    """The ERNIE-4.5 MoE causal LM over a flat token batch and a paged KV cache.
+
+    `expert_range=(start, end)` builds MoE layers that hold only those experts (expert
+    parallelism); `backends` picks the compute functions (default: the torch references).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        expert_range: tuple[int, int] | None = None,
+        backends: ModelBackends | None = None,
+    ) -> None:
+        super().__init__()
+        _check_expert_range(config, expert_range)
+        self.config = config
+        self.expert_range = expert_range or (0, config.moe_num_experts)
+        self.backends = backends or ModelBackends()
+        self.model = Ernie4_5_MoeModel(config, self.backends, expert_range)
+        self.lm_head = LMHead(config)
+
+    def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
+        """Run one step. input_ids [T] int64 (flat over sequences); kv_cache [L, 2, N, B, Hkv, D].
+
+        Writes each layer's new K/V into `kv_cache` at `meta.slot_mapping` (side effect), attends
+        causally over each sequence's cached keys, and returns the final-RMSNorm'd hidden states
+        [T, H] in the model dtype. Call `compute_logits` on the rows you need.
+        """
+        expected = self.config.num_hidden_layers
+        if kv_cache.dim() != 6 or kv_cache.shape[0] != expected or kv_cache.shape[1] != 2:
+            raise ValueError(f"kv_cache must be [L={expected}, 2, N, B, Hkv, D], got {tuple(kv_cache.shape)}")
+        return self.model(input_ids, meta, kv_cache)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """[n, H] -> [n, V] float32 logits (the matmul runs in the model dtype, as transformers does)."""
+        return self.lm_head(hidden, self.model.embed_tokens.weight).float()
+
+    def moe_layers(self) -> list[SparseMoE]:
+        """The MoE modules, in layer order."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def set_backends(self, backends: ModelBackends) -> None:
+        """Point every layer at new compute functions (e.g. the Triton kernels once loaded)."""
+        self.backends = backends
+        for layer in self.model.layers:
+            layer.self_attn.attention_fn = backends.attention
+            layer.self_attn.write_kv_fn = backends.write_kv
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp.route_fn = backends.route
+                layer.mlp.experts_fn = backends.experts
