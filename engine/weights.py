@@ -66,7 +66,9 @@ class TensorCopy:
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
+    """Where one per-expert-layout checkpoint key goes: `param[dst_index]`, from a file tensor of `shape`."""
+
     param: str
     dst_index: tuple[int | slice, ...]
     shape: tuple[int, ...]
@@ -77,27 +79,27 @@ class _Target:
 # ---------------------------------------------------------------------------------------------
 
 
-def expected_targets(config: ModelConfig, expert_range: tuple[int, int] | None = None) -> dict[str, _Target]:
+def expected_targets(config: ModelConfig, expert_range: tuple[int, int] | None = None) -> dict[str, Target]:
     """Every key the model needs (per-expert layout names) -> where it goes and its file shape."""
-    targets: dict[str, _Target] = {
-        "model.embed_tokens.weight": _Target("model.embed_tokens.weight", (), (config.vocab_size, config.hidden_size)),
-        "model.norm.weight": _Target("model.norm.weight", (), (config.hidden_size,)),
+    targets: dict[str, Target] = {
+        "model.embed_tokens.weight": Target("model.embed_tokens.weight", (), (config.vocab_size, config.hidden_size)),
+        "model.norm.weight": Target("model.norm.weight", (), (config.hidden_size,)),
     }
     if not config.tie_word_embeddings:
-        targets["lm_head.weight"] = _Target("lm_head.weight", (), (config.vocab_size, config.hidden_size))
+        targets["lm_head.weight"] = Target("lm_head.weight", (), (config.vocab_size, config.hidden_size))
     if config.use_bias:
-        targets["lm_head.bias"] = _Target("lm_head.bias", (), (config.vocab_size,))
+        targets["lm_head.bias"] = Target("lm_head.bias", (), (config.vocab_size,))
     for layer in range(config.num_hidden_layers):
         for key, target in _layer_targets(config, layer, expert_range).items():
             targets[f"model.layers.{layer}.{key}"] = target
     return targets
 
 
-def _layer_targets(config: ModelConfig, layer: int, expert_range: tuple[int, int] | None) -> dict[str, _Target]:
+def _layer_targets(config: ModelConfig, layer: int, expert_range: tuple[int, int] | None) -> dict[str, Target]:
     prefix = f"model.layers.{layer}."
     hidden = config.hidden_size
     targets = {
-        f"{name}.weight": _Target(f"{prefix}{name}.weight", (), (hidden,))
+        f"{name}.weight": Target(f"{prefix}{name}.weight", (), (hidden,))
         for name in ("input_layernorm", "post_attention_layernorm")
     }
     targets.update(_attention_targets(config, prefix))
@@ -108,55 +110,55 @@ def _layer_targets(config: ModelConfig, layer: int, expert_range: tuple[int, int
     return targets
 
 
-def _attention_targets(config: ModelConfig, prefix: str) -> dict[str, _Target]:
+def _attention_targets(config: ModelConfig, prefix: str) -> dict[str, Target]:
     hidden, head_dim = config.hidden_size, config.head_dim
     q_size, kv_size = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     rows = {"q": (0, q_size), "k": (q_size, q_size + kv_size), "v": (q_size + kv_size, q_size + 2 * kv_size)}
     qkv = f"{prefix}self_attn.qkv_proj"
     targets = {}
     for name, (start, end) in rows.items():
-        targets[f"self_attn.{name}_proj.weight"] = _Target(f"{qkv}.weight", (slice(start, end),), (end - start, hidden))
+        targets[f"self_attn.{name}_proj.weight"] = Target(f"{qkv}.weight", (slice(start, end),), (end - start, hidden))
         if config.use_bias:
-            targets[f"self_attn.{name}_proj.bias"] = _Target(f"{qkv}.bias", (slice(start, end),), (end - start,))
-    targets["self_attn.o_proj.weight"] = _Target(f"{prefix}self_attn.o_proj.weight", (), (hidden, q_size))
+            targets[f"self_attn.{name}_proj.bias"] = Target(f"{qkv}.bias", (slice(start, end),), (end - start,))
+    targets["self_attn.o_proj.weight"] = Target(f"{prefix}self_attn.o_proj.weight", (), (hidden, q_size))
     if config.use_bias:
-        targets["self_attn.o_proj.bias"] = _Target(f"{prefix}self_attn.o_proj.bias", (), (hidden,))
+        targets["self_attn.o_proj.bias"] = Target(f"{prefix}self_attn.o_proj.bias", (), (hidden,))
     return targets
 
 
-def _mlp_targets(config: ModelConfig, module: str, key_prefix: str, width: int) -> dict[str, _Target]:
+def _mlp_targets(config: ModelConfig, module: str, key_prefix: str, width: int) -> dict[str, Target]:
     """A gated MLP stored as gate/up/down projections -> our fused gate_up_proj and down_proj."""
     hidden = config.hidden_size
     targets = {
-        f"{key_prefix}.gate_proj.weight": _Target(f"{module}.gate_up_proj.weight", (slice(0, width),), (width, hidden)),
-        f"{key_prefix}.up_proj.weight": _Target(
+        f"{key_prefix}.gate_proj.weight": Target(f"{module}.gate_up_proj.weight", (slice(0, width),), (width, hidden)),
+        f"{key_prefix}.up_proj.weight": Target(
             f"{module}.gate_up_proj.weight", (slice(width, 2 * width),), (width, hidden)
         ),
-        f"{key_prefix}.down_proj.weight": _Target(f"{module}.down_proj.weight", (), (hidden, width)),
+        f"{key_prefix}.down_proj.weight": Target(f"{module}.down_proj.weight", (), (hidden, width)),
     }
     if config.use_bias:
-        targets[f"{key_prefix}.gate_proj.bias"] = _Target(f"{module}.gate_up_proj.bias", (slice(0, width),), (width,))
-        targets[f"{key_prefix}.up_proj.bias"] = _Target(
+        targets[f"{key_prefix}.gate_proj.bias"] = Target(f"{module}.gate_up_proj.bias", (slice(0, width),), (width,))
+        targets[f"{key_prefix}.up_proj.bias"] = Target(
             f"{module}.gate_up_proj.bias", (slice(width, 2 * width),), (width,)
         )
-        targets[f"{key_prefix}.down_proj.bias"] = _Target(f"{module}.down_proj.bias", (), (hidden,))
+        targets[f"{key_prefix}.down_proj.bias"] = Target(f"{module}.down_proj.bias", (), (hidden,))
     return targets
 
 
-def _moe_targets(config: ModelConfig, prefix: str, expert_range: tuple[int, int] | None) -> dict[str, _Target]:
+def _moe_targets(config: ModelConfig, prefix: str, expert_range: tuple[int, int] | None) -> dict[str, Target]:
     hidden, inter, num_experts = config.hidden_size, config.moe_intermediate_size, config.moe_num_experts
     mlp = f"{prefix}mlp"
     targets = {
-        "mlp.gate.weight": _Target(f"{mlp}.gate_weight", (), (num_experts, hidden)),
-        "mlp.moe_statics.e_score_correction_bias": _Target(f"{mlp}.e_score_correction_bias", (), (1, num_experts)),
+        "mlp.gate.weight": Target(f"{mlp}.gate_weight", (), (num_experts, hidden)),
+        "mlp.moe_statics.e_score_correction_bias": Target(f"{mlp}.e_score_correction_bias", (), (1, num_experts)),
     }
     start, end = expert_range or (0, num_experts)
     for expert in range(start, end):
         local = expert - start
         key = f"mlp.experts.{expert}"
-        targets[f"{key}.gate_proj.weight"] = _Target(f"{mlp}.w13", (local, slice(0, inter)), (inter, hidden))
-        targets[f"{key}.up_proj.weight"] = _Target(f"{mlp}.w13", (local, slice(inter, 2 * inter)), (inter, hidden))
-        targets[f"{key}.down_proj.weight"] = _Target(f"{mlp}.w2", (local,), (hidden, inter))
+        targets[f"{key}.gate_proj.weight"] = Target(f"{mlp}.w13", (local, slice(0, inter)), (inter, hidden))
+        targets[f"{key}.up_proj.weight"] = Target(f"{mlp}.w13", (local, slice(inter, 2 * inter)), (inter, hidden))
+        targets[f"{key}.down_proj.weight"] = Target(f"{mlp}.w2", (local,), (hidden, inter))
     if config.moe_num_shared_experts > 0:
         width = inter * config.moe_num_shared_experts
         targets.update(_mlp_targets(config, f"{mlp}.shared_experts", "mlp.shared_experts", width))
@@ -245,7 +247,7 @@ def _stacked_copy(
 
 
 def _classify(
-    key: str, file: Path, config: ModelConfig, targets: dict[str, _Target], expert_range: tuple[int, int]
+    key: str, file: Path, config: ModelConfig, targets: dict[str, Target], expert_range: tuple[int, int]
 ) -> TensorCopy | str | None:
     """A copy for a wanted key, None for a key to skip, or the key itself when it is unknown."""
     if _is_ignored(key, config):
@@ -277,8 +279,11 @@ def plan_checkpoint(
     Raises ModelLoadError listing unknown keys, missing keys, or shape mismatches (key, expected,
     actual) before any tensor data is read.
     """
-    key_to_file = checkpoint_files(folder)
     expert_range = expert_range or (0, config.moe_num_experts)
+    start, end = expert_range
+    if not (0 <= start <= end <= config.moe_num_experts and (start < end or config.moe_num_experts == 0)):
+        raise ModelLoadError(f"expert_range {expert_range!r} is not within [0, {config.moe_num_experts}]")
+    key_to_file = checkpoint_files(folder)
     targets = expected_targets(config, expert_range)
     copies: list[TensorCopy] = []
     unknown: list[str] = []

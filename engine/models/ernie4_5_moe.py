@@ -96,14 +96,17 @@ def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def apply_interleaved_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    """GPT-J style RoPE on x [T, heads, D]: dims (2j, 2j+1) rotate by positions * inv_freq[j].
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 (cos, sin) [T, 1, D/2] of angle positions * inv_freq, shared by every layer of a step."""
+    angles = positions.float()[:, None] * inv_freq  # [T, D/2]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_interleaved_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-J style RoPE on x [T, heads, D]: the pair (2j, 2j+1) rotates by angle j (`rope_cos_sin`).
 
     Computed in fp32 and cast back to x's dtype, like transformers' `apply_rotary_pos_emb`.
     """
-    angles = positions.float()[:, None] * inv_freq.to(x.device)  # [T, D/2]
-    cos = angles.cos()[:, None, :]  # [T, 1, D/2]
-    sin = angles.sin()[:, None, :]
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
@@ -123,14 +126,13 @@ class Attention(nn.Module):
         self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, config.use_bias)
         self.o_proj = Linear(q_size, config.hidden_size, config.use_bias)
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
         self.attention_fn = backends.attention
         self.write_kv_fn = backends.write_kv
 
-    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = apply_interleaved_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), meta.positions, self.inv_freq)
-        k = apply_interleaved_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), meta.positions, self.inv_freq)
+        q = apply_interleaved_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), *rope)
+        k = apply_interleaved_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), *rope)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         self.write_kv_fn(kv_layer, k, v, meta.slot_mapping)
         out = self.attention_fn(q, kv_layer, meta, self.scale)
@@ -154,8 +156,9 @@ class SparseMoE(nn.Module):
     """Routed experts (top-k of `moe_num_experts`) plus unweighted shared experts.
 
     Holds experts `[expert_offset, expert_offset + num_local_experts)` only; the router always
-    sees all experts. With fewer than all experts local, `forward` returns this rank's partial
-    sum of the routed part (plus the shared experts): combining ranks is the caller's job.
+    sees all experts. With fewer than all experts local, `routed(x)` is this rank's partial sum;
+    expert parallelism sums `routed` over ranks and adds `shared_experts(x)` once (`forward`
+    adds the shared experts on every rank, so it is only the whole answer with all experts local).
     """
 
     def __init__(
@@ -182,13 +185,17 @@ class SparseMoE(nn.Module):
         self.experts_fn = backends.experts
 
     def forward(self, x: Tensor) -> Tensor:
-        topk_weights, topk_ids = self.route_fn(
-            x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
-        )
-        out = self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_offset)
+        out = self.routed(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def routed(self, x: Tensor) -> Tensor:
+        """Weighted sum over each token's top-k experts that this module holds. [T, H] -> [T, H]."""
+        topk_weights, topk_ids = self.route_fn(
+            x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
+        )
+        return self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_offset)
 
 
 class DecoderLayer(nn.Module):
@@ -207,8 +214,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor) -> Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer)
+    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer, rope)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -225,11 +232,13 @@ class Ernie4_5_MoeModel(nn.Module):
             DecoderLayer(config, i, backends, expert_range) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = rope_cos_sin(meta.positions, self.inv_freq)
         for layer_idx, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, kv_cache[layer_idx])
+            hidden = layer(hidden, meta, kv_cache[layer_idx], rope)
         return self.norm(hidden)
 
 
