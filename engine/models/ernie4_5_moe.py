@@ -46,7 +46,7 @@ from engine.config import ModelConfig
 from engine.kernels.fused_moe_ref import fused_moe_ref, route_ref
 
 RouteFn = Callable[..., tuple[Tensor, Tensor]]  # route_ref's signature
-ExpertsFn = Callable[..., Tensor]  # fused_moe_ref's signature
+ExpertsFn = Callable[..., Tensor]  # fused_moe_ref's signature; expert_offset is passed by keyword
 AttentionFn = Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]  # paged_attention_ref's
 WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor], None]  # write_kv's
 
@@ -195,7 +195,7 @@ class SparseMoE(nn.Module):
         topk_weights, topk_ids = self.route_fn(
             x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
         )
-        return self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_offset)
+        return self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, expert_offset=self.expert_offset)
 
 
 class DecoderLayer(nn.Module):
