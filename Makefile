@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint gpu-test clean
+.PHONY: setup serve test lint protos gpu-test clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ serve: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) -m protos.generate --check
+
+# Regenerate protos/pdserve/v1/*_pb2*.py from the .proto files (commit the result).
+protos: setup
+	$(PY) -m protos.generate
 
 # pytest exits 5 when it collects nothing, so an empty run fails here rather than passing silently.
 test: setup lint
