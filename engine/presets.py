@@ -2,7 +2,9 @@
 
 * `tiny`: CPU-fast (hidden 64, 4 layers, 8 experts), float32, vocabulary = the committed tiny
   byte-level tokenizer (`engine/assets/tiny`, 384 ids); eos = `</s>` and `<|end_of_sentence|>`.
-* `ernie-4.5-21b-a3b`: the real ERNIE-4.5-21B-A3B shape, bfloat16 (~43.7 GB of weights).
+* `ernie-4.5-21b-a3b`: the real ERNIE-4.5-21B-A3B shape, bfloat16 (~43.7 GB of weights). It is
+  served with the tiny tokenizer too (no real vocabulary ships offline): text encodes into ids
+  below 384, and sampled ids above the tokenizer's range decode to nothing.
 
 `init_random_weights` fills a built model deterministically from a seed: every tensor (every
 expert, separately) draws from its own generator seeded by `(seed, parameter name, expert id)`,
