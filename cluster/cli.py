@@ -23,6 +23,7 @@ def _positive_int(text: str) -> int:
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text for prompts on one local engine")
     p.add_argument("prompts", nargs="+", help="prompt text (several prompts run as one batch)")
+    p.add_argument("--url", default=None, help="a running router's gRPC address; omit to run a local engine")
     p.add_argument("--model", default="tiny", help="preset name (tiny, ernie-4.5-21b-a3b) or a Hugging Face folder")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -38,6 +39,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    if args.url:
+        return _run_remote_generate(args)
     from engine import LLM, SamplingParams
 
     params = SamplingParams(
@@ -60,10 +63,87 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_remote_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from router.client import Client
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    sampling.update(top_k=args.top_k, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    with Client(args.url, timeout=300) as client:
+        for prompt in args.prompts:
+            message = [{"role": "user", "content": prompt}] if args.chat else prompt
+            try:
+                finish = None
+                for chunk in client.stream(message, **sampling):
+                    print(chunk.text, end="", flush=True)
+                    finish = chunk.finish_reason or finish
+                print(f"\n[finish_reason: {finish}]")
+            except grpc.RpcError as exc:
+                print(f"pdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start a local cluster: a router plus prefill and decode worker processes")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="number of decode workers")
+    p.add_argument("--mixed", type=int, default=0, help="number of mixed (colocated) workers")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (one worker per GPU)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port")
+    p.add_argument("--worker-arg", action="append", help="extra argument for every worker (repeatable)")
+    p.add_argument("--router-arg", action="append", help="extra argument for the router (repeatable)")
+    p.add_argument("--demo", nargs="*", default=None, help="send these prompts, print the outputs, and stop")
+    p.add_argument("-v", "--verbose", action="store_true", help="echo every process's log")
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.launcher import run as run_up
+
+        return run_up(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from cluster.worker import add_worker_args
+
+    p = sub.add_parser("worker", help="run one worker process (hosts an engine)")
+    add_worker_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.worker import run as run_worker
+
+        return run_worker(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_router(sub: argparse._SubParsersAction) -> None:
+    from router.main import add_router_args
+
+    p = sub.add_parser("router", help="run the router process (public gRPC API)")
+    add_router_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from router.main import run as run_router
+
+        return run_router(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated serving for ERNIE-4.5")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub)
     _add_generate(sub)
+    _add_worker(sub)
+    _add_router(sub)
     return parser
 
 

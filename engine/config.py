@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("ernie4_5_moe",)
+# Random-weight presets (defined in engine.presets; named here so torch-free code can know them).
+PRESET_NAMES = ("tiny", "ernie-4.5-21b-a3b")
 
 
 class ConfigError(ValueError):

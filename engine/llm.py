@@ -100,8 +100,7 @@ class LLM:
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             requests.append(self.engine.make_request(f"offline-{next(self._ids)}", ids, p))
         for request in requests:
-            self.engine.requests[request.request_id] = request
-            self.engine.scheduler.add_request(request)
+            self.engine.submit(request)
             trackers[request.request_id] = _TextTracker(self.engine, request)
         while self.engine.has_unfinished:
             for out in self.engine.step():

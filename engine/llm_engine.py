@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.block_manager import BlockManager, BlockStats
+from engine.block_manager import BlockManager, BlockStats, KVAllocation
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-from engine.scheduler import RequestOutput, Scheduler
+from engine.scheduler import RequestOutput, SampledToken, Scheduler
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,33 +100,53 @@ class LLMEngine:
         return cls(config, loaded)
 
     # ----------------------------------------------------------------------------- requests
-    def make_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
-        """Validate and build a request (not yet scheduled). Raises InvalidRequestError."""
+    def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        output_token_ids: Sequence[int] = (),
+    ) -> Request:
+        """Validate and build a request (not yet scheduled). Raises InvalidRequestError.
+
+        `output_token_ids` continues a request another worker started (they count towards
+        `max_tokens`; the next token is drawn as the n-th, so seeded sampling carries on exactly).
+        """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        ids = list(prompt_token_ids)
+        ids, outputs = list(prompt_token_ids), list(output_token_ids)
         if not ids:
             raise InvalidRequestError("prompt is empty")
         vocab = self.runtime.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        bad = [t for t in ids + outputs if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
+            raise InvalidRequestError(f"token ids outside the vocabulary [0, {vocab}): {bad[:8]}")
         max_len = self.runtime.max_model_len
-        if len(ids) >= max_len:
+        if len(ids) + len(outputs) >= max_len:
             raise InvalidRequestError(
-                f"prompt has {len(ids)} tokens but the context holds {max_len} (room for at least one output token)"
+                f"prompt has {len(ids) + len(outputs)} tokens but the context holds {max_len} "
+                "(room for at least one output token)"
             )
-        if self.block_manager.num_blocks_for(len(ids) + 1) > self.runtime.num_kv_blocks:
+        if self.block_manager.num_blocks_for(len(ids) + len(outputs) + 1) > self.runtime.num_kv_blocks:
             raise InvalidRequestError(
                 f"prompt of {len(ids)} tokens needs more KV blocks than the pool has ({self.runtime.num_kv_blocks})"
             )
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        return Request(request_id, ids, params, eos_token_ids=self.runtime.eos_token_ids)
+        if len(outputs) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(outputs)} output tokens given but max_tokens is {params.max_tokens}")
+        request = Request(request_id, ids, params, eos_token_ids=self.runtime.eos_token_ids)
+        request.output_token_ids.extend(outputs)
+        return request
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
-        request = self.make_request(request_id, prompt_token_ids, params)
-        self.requests[request_id] = request
+        return self.submit(self.make_request(request_id, prompt_token_ids, params))
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request built by `make_request`."""
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
         self.scheduler.add_request(request)
         return request
 
@@ -150,9 +170,47 @@ class LLMEngine:
         sampled = self.runner.execute(output)
         results = self.scheduler.update(output, sampled)
         for result in results:
-            if result.finished:
+            if result.request.is_finished:  # SENDING_KV requests stay known until released
                 self.requests.pop(result.request_id, None)
         return results
+
+    # ----------------------------------------------------------------------------- PD hand-off
+    def preallocate(self, request: Request) -> KVAllocation | None:
+        """Decode role: reserve blocks for all of the request's tokens before its KV arrives.
+
+        Leading blocks already in the prefix cache are shared; `request.num_cached_tokens` says
+        how many tokens they hold (the sender may skip them). None: no room now (nothing changed).
+        """
+        hits = self.block_manager.get_computed_blocks(request)
+        num_cached = len(hits) * self.block_manager.block_size
+        allocation = self.block_manager.allocate(request, request.num_tokens - num_cached, hits)
+        if allocation is None:
+            return None
+        request.num_cached_tokens = num_cached
+        request.set_status(RequestStatus.WAITING_FOR_KV)
+        self.requests[request.request_id] = request
+        return allocation
+
+    def adopt(self, request: Request, token: SampledToken) -> RequestOutput:
+        """Decode role: the KV of every token arrived and `token` was sampled after them; run on."""
+        request.num_computed_tokens = request.num_tokens
+        self.block_manager.cache_blocks(request)
+        request.append_token(token.token_id, token.logprobs)
+        status = request.check_stop(self.runtime.max_model_len)
+        if status is None:
+            self.scheduler.add_running(request)
+        else:
+            request.set_status(RequestStatus.RUNNING)
+            self.finish(request, status)
+        logprobs = (token.logprobs,) if token.logprobs else ()
+        return RequestOutput(request, (token.token_id,), logprobs, finished=status is not None)
+
+    def release(self, request: Request) -> None:
+        """Prefill role: the KV of a SENDING_KV request has been sent (or given up on); free it."""
+        if request.status is RequestStatus.SENDING_KV:
+            request.set_status(request.stop_status or RequestStatus.FINISHED_LENGTH)
+        self.block_manager.free(request)
+        self.requests.pop(request.request_id, None)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request from outside the loop (e.g. a stop string matched in its text)."""

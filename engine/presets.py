@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from engine.config import ModelConfig
+from engine.config import PRESET_NAMES, ModelConfig
 from engine.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, SparseMoE
 
 TINY = ModelConfig(
@@ -66,6 +66,8 @@ ERNIE_4_5_21B_A3B = ModelConfig(
 )
 
 PRESETS: dict[str, ModelConfig] = {"tiny": TINY, "ernie-4.5-21b-a3b": ERNIE_4_5_21B_A3B}
+if tuple(PRESETS) != PRESET_NAMES:
+    raise RuntimeError(f"engine.config.PRESET_NAMES {PRESET_NAMES} must list the presets {tuple(PRESETS)}")
 
 MATRIX_STD = 0.02
 # Below this many parameters the random numbers are drawn on the CPU and copied, so a small preset

@@ -82,6 +82,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Extra content that the prefix-cache hash of every block must include (e.g. image hashes).
     cache_salt: str = ""
+    # A prefill role sets this: on its last token the request moves to SENDING_KV and keeps its
+    # blocks until the role has sent them and frees them itself.
+    keep_kv: bool = False
 
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -90,6 +93,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    stop_status: RequestStatus | None = None  # why a SENDING_KV request stopped generating
     # KV allocation state, maintained by the block manager only.
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)

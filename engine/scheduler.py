@@ -221,13 +221,16 @@ class Scheduler:
             )
         return results
 
-    def finish(self, request: Request, status: RequestStatus, free_kv: bool = True) -> None:
-        """End a request; `free_kv=False` keeps its blocks (a prefill role still has to send them)."""
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request and free its blocks; a `keep_kv` request goes to SENDING_KV holding them."""
         if request in self.running:
             self.running.remove(request)
+        if request.keep_kv and status is not RequestStatus.FINISHED_ABORTED:
+            request.stop_status = status
+            request.set_status(RequestStatus.SENDING_KV)
+            return
         request.set_status(status)
-        if free_kv:
-            self.block_manager.free(request)
+        self.block_manager.free(request)
         reason = request.finish_reason or status.value
         self.stats.finished_by_reason[reason] = self.stats.finished_by_reason.get(reason, 0) + 1
 

@@ -27,6 +27,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _BackendTokenizer
 
+from engine.config import PRESET_NAMES
+
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 
@@ -70,6 +72,20 @@ class Tokenizer:
     def tiny(cls) -> Tokenizer:
         """The committed byte-level tokenizer of the `tiny` preset (engine/assets/tiny)."""
         return cls.from_dir(TINY_DIR)
+
+    @classmethod
+    def for_model(cls, model: str) -> Tokenizer:
+        """The tokenizer of a model folder, or of a random-weight preset (which all use the tiny one).
+
+        Torch-free, so the router can call it without loading the model.
+        """
+        if Path(model).is_dir():
+            return cls.from_dir(model)
+        if model in PRESET_NAMES:
+            return cls.tiny()
+        raise TokenizerError(
+            f"model {model!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor an existing model folder"
+        )
 
     # -- text <-> ids ---------------------------------------------------------------------------
 

@@ -1,0 +1,201 @@
+"""The local launcher behind `pdserve up`: a router and N prefill + M decode workers as processes.
+
+Workers start first (each prints `READY {json}` with the ports it bound), then the router is
+pointed at them. Ctrl-C (or SIGTERM) stops the router, then the workers, each with a grace
+period. A process that dies during start-up fails `up` with its last output lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+READY_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model: str = "tiny"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_mixed: int = 0
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    router_port: int = 50051
+    worker_args: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefill", "num_decode", "num_mixed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_decode + self.num_mixed < 1:
+            raise ValueError("a cluster needs at least one decode or mixed worker")
+        if not 0 <= self.router_port < 65536:
+            raise ValueError(f"router port must be in [0, 65535], got {self.router_port}")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    ready: dict = field(default_factory=dict)
+    tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    _ready_event: threading.Event = field(default_factory=threading.Event)
+
+    def pump(self, echo: bool) -> None:
+        """Read the process's output on a thread: find READY, keep a tail, optionally echo."""
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            line = line.rstrip("\n")
+            self.tail.append(line)
+            if line.startswith("READY ") and not self.ready:
+                self.ready = json.loads(line[6:])
+                self._ready_event.set()
+            elif echo:
+                print(f"[{self.name}] {line}", flush=True)
+        self._ready_event.set()
+
+    def wait_ready(self, timeout: float) -> dict:
+        if not self._ready_event.wait(timeout) or not self.ready:
+            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.tail))
+        return self.ready
+
+
+class LocalCluster:
+    """Starts and stops the processes of one cluster on this machine. Usable as a context manager."""
+
+    def __init__(self, spec: ClusterSpec, echo: bool = False, env: dict[str, str] | None = None) -> None:
+        self.spec = spec
+        self.echo = echo
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.workers: list[Process] = []
+        self.router: Process | None = None
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        assert self.router is not None
+        return self.router.ready["grpc_address"]
+
+    def _spawn(self, name: str, argv: Sequence[str]) -> Process:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
+        process = Process(name, popen)
+        threading.Thread(target=process.pump, args=(self.echo,), daemon=True).start()
+        return process
+
+    def start_worker(self, role: str, index: int) -> Process:
+        spec = self.spec
+        argv = ["worker", "--role", role, "--worker-id", f"{role}-{index}", "--model", spec.model]
+        argv += ["--device", _device_for(spec.device, index), "--host", spec.host, *spec.worker_args]
+        process = self._spawn(f"{role}-{index}", argv)
+        self.workers.append(process)
+        return process
+
+    def start(self) -> None:
+        spec = self.spec
+        roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode + ["mixed"] * spec.num_mixed
+        try:
+            for index, role in enumerate(roles):
+                self.start_worker(role, index)
+            addresses = [w.wait_ready(READY_TIMEOUT_S)["grpc_address"] for w in self.workers]
+            argv = ["router", "--model", spec.model, "--workers", ",".join(addresses)]
+            argv += ["--host", spec.host, "--port", str(spec.router_port), *spec.router_args]
+            self.router = self._spawn("router", argv)
+            self.router.wait_ready(READY_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        processes = ([self.router] if self.router else []) + self.workers
+        for process in processes:
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in processes:
+            try:
+                process.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+
+    def describe(self) -> str:
+        lines = [f"router   gRPC {self.address}  (pdserve.v1.Generation, health, reflection)"]
+        for worker in self.workers:
+            r = worker.ready
+            lines.append(f"{worker.name:<9} gRPC {r['grpc_address']}  KV store {r['kv_store']}  pid {r['pid']}")
+        return "\n".join(lines)
+
+
+def _device_for(device: str, index: int) -> str:
+    """`cuda` gives each worker its own GPU (one worker per GPU); an explicit `cuda:N` is kept."""
+    return f"cuda:{index}" if device == "cuda" else device
+
+
+def run(args) -> int:
+    spec = ClusterSpec(
+        model=args.model,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        num_mixed=args.mixed,
+        device=args.device,
+        host=args.host,
+        router_port=args.port,
+        worker_args=tuple(args.worker_arg or ()),
+        router_args=tuple(args.router_arg or ()),
+    )
+    cluster = LocalCluster(spec, echo=args.verbose)
+    print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode + {spec.num_mixed} mixed workers...")
+    cluster.start()
+    print(cluster.describe(), flush=True)
+    print(f'try:  pdserve generate --url {cluster.address} "Hello"    (Ctrl-C stops the cluster)', flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if args.demo:
+            _demo(cluster.address, args.demo)
+            return 0
+        while not stop.wait(0.5):
+            dead = [p.name for p in [cluster.router, *cluster.workers] if p and p.popen.poll() is not None]
+            if dead:
+                print(f"processes exited: {', '.join(dead)}; stopping", file=sys.stderr)
+                return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping the cluster...", flush=True)
+        cluster.stop()
+    return 0
+
+
+def _demo(address: str, prompts: Sequence[str]) -> None:
+    from router.client import Client
+
+    with Client(address, timeout=60) as client:
+        for prompt in prompts:
+            result = client.generate(prompt, max_tokens=24, temperature=0.8, seed=7)
+            print(
+                f"prompt: {prompt!r}\noutput: {result.text!r}  ({len(result.token_ids)} tokens, {result.finish_reason})"
+            )

@@ -1,0 +1,303 @@
+"""The worker process: one engine, its KV transport, the roles, and the `pdserve.v1.Worker` service.
+
+A worker's role is state (`prefill`, `decode` or `mixed`), not identity: both role objects exist
+for the life of the process over the same engine, KV pool and transport, and the role decides
+which RPCs are accepted. A request that names a role epoch other than ours is refused with
+FAILED_PRECONDITION so the router retries elsewhere.
+
+On start the worker prints one line `READY {json}` (worker id, incarnation, addresses) on stdout:
+launchers read it to learn the ports the OS picked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from cluster.engine_loop import EngineLoop
+from cluster.kv_transport import KVSpec, PeerRef, TransportConfig, make_transport
+from cluster.role_support import RoleError, on_engine
+from decode.role import DecodeRole
+from engine.config import CacheConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from prefill.role import PrefillRole
+from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from protos.services import NOT_SERVING, WORKER_SERVICE, add_standard_services
+
+log = logging.getLogger(__name__)
+
+ROLES = {
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+    "mixed": common_pb2.WORKER_ROLE_MIXED,
+}
+ROLE_NAMES = {value: name for name, value in ROLES.items()}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    role: str = "mixed"
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+    kv_backend: str = "gloo"
+    kv_port: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = 4096
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+        for name in ("port", "kv_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, engine: LLMEngine) -> None:
+        self.config = config
+        self.engine = engine
+        self.incarnation_id = uuid.uuid4().hex[:12]
+        self.role = ROLES[config.role]
+        self.role_epoch = 1
+        self.state = common_pb2.WORKER_STATE_READY
+        self.loop = EngineLoop(engine).start()
+        self.transport = make_transport(
+            config.kv_backend,
+            kv=engine.kv_cache,
+            local=PeerRef(config.worker_id, self.incarnation_id),
+            model_hash=engine.runtime.model_hash,
+            config=TransportConfig(host=config.host, port=config.kv_port),
+        )
+        self.address = ""  # host:port once the server is bound
+        self.decode_role: DecodeRole | None = None
+        self.prefill_role = PrefillRole(self.loop, self.transport)
+        self.started_at = time.time()
+
+    def bind(self, address: str) -> None:
+        self.address = address
+        self.decode_role = DecodeRole(self.loop, self.transport, self.ref())
+
+    def ref(self) -> common_pb2.WorkerRef:
+        return common_pb2.WorkerRef(
+            worker_id=self.config.worker_id, incarnation_id=self.incarnation_id, grpc_address=self.address
+        )
+
+    async def close(self) -> None:
+        if self.decode_role is not None:
+            await self.decode_role.close()
+        self.transport.close()
+        self.loop.stop()
+
+    # ----------------------------------------------------------------------------- fencing
+    def _check_role(self, allowed: tuple[int, ...], epoch: int, what: str) -> None:
+        if self.state != common_pb2.WORKER_STATE_READY:
+            raise RoleError(grpc.StatusCode.UNAVAILABLE, f"worker {self.config.worker_id} is not ready for {what}")
+        if self.role not in allowed:
+            raise RoleError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {self.config.worker_id} is {ROLE_NAMES[self.role]} (epoch {self.role_epoch}); "
+                f"it does not serve {what}",
+            )
+        if epoch and epoch != self.role_epoch:
+            raise RoleError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale role epoch {epoch}: worker {self.config.worker_id} is at epoch {self.role_epoch}",
+            )
+
+    # ----------------------------------------------------------------------------- RPCs
+    async def Decode(self, request, context):
+        try:
+            self._check_role(
+                (common_pb2.WORKER_ROLE_DECODE, common_pb2.WORKER_ROLE_MIXED), request.role_epoch, "decode"
+            )
+            assert self.decode_role is not None
+            async for response in self.decode_role.decode(request, context):
+                yield response
+        except RoleError as err:
+            await context.abort(err.code, err.message)
+
+    async def Prefill(self, request, context):
+        try:
+            self._check_role(
+                (common_pb2.WORKER_ROLE_PREFILL, common_pb2.WORKER_ROLE_MIXED), request.role_epoch, "prefill"
+            )
+            return await self.prefill_role.prefill(request, context)
+        except RoleError as err:
+            await context.abort(err.code, err.message)
+
+    async def AbortRequest(self, request, context):
+        rid = request.request_id
+        freed = await self.prefill_role.abort(rid)
+        if not freed:
+            freed = await on_engine(self.loop, lambda e: e.abort(rid))
+        return worker_pb2.WorkerAbortResponse(freed=freed)
+
+    async def GetLoad(self, request, context):
+        return await on_engine(self.loop, self._load_report)
+
+    def _load_report(self, engine: LLMEngine) -> worker_pb2.LoadReport:
+        # Cheap at our pool sizes, and a broken invariant should be loud: GetLoad then fails.
+        engine.check_idle_invariants()
+        stats = engine.block_stats()
+        scheduler = engine.scheduler
+        now = time.monotonic()
+        waiting = list(scheduler.waiting)
+        return worker_pb2.LoadReport(
+            worker_id=self.config.worker_id,
+            incarnation_id=self.incarnation_id,
+            role=self.role,
+            role_epoch=self.role_epoch,
+            state=self.state,
+            num_running_requests=len(scheduler.running),
+            num_waiting_requests=len(waiting),
+            num_queued_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+            + sum(r.num_tokens - r.num_computed_tokens - 1 for r in scheduler.running),
+            oldest_waiting_seconds=max((now - r.arrival_time for r in waiting), default=0.0),
+            num_kv_blocks_used=stats.num_used,
+            num_kv_blocks_total=stats.num_total,
+            num_kv_blocks_cached=stats.num_cached,
+            avg_batch_size=scheduler.stats.last_batch_size,
+            timestamp_unix_ms=int(time.time() * 1000),
+        )
+
+    async def KVHandshake(self, request, context):
+        mine = self.transport.spec
+        theirs = request.spec
+        other = KVSpec(
+            model_hash=theirs.model_hash,
+            num_layers=theirs.num_layers or 1,
+            num_kv_heads=theirs.num_kv_heads or 1,
+            head_dim=theirs.head_dim or 1,
+            block_size=theirs.block_size or 1,
+            dtype=theirs.dtype,
+            layout=theirs.layout,
+        )
+        mismatches = mine.mismatches(other)
+        return worker_pb2.KVHandshakeResponse(
+            ok=not mismatches,
+            spec=worker_pb2.KVCacheSpec(**mine.to_dict()),
+            mismatched_fields=mismatches,
+            message="ok" if not mismatches else "; ".join(mismatches),
+            worker_id=self.config.worker_id,
+            incarnation_id=self.incarnation_id,
+        )
+
+
+def build_engine(config: WorkerConfig) -> LLMEngine:
+    return LLMEngine.from_model(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        seed=config.seed,
+        cache=CacheConfig(block_size=config.block_size, num_blocks=config.num_kv_blocks),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+        ),
+    )
+
+
+async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
+    engine = build_engine(config)
+    service = WorkerService(config, engine)
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health = add_standard_services(server, [WORKER_SERVICE])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    service.bind(f"{config.host}:{port}")
+    await server.start()
+    local = service.transport.local
+    ready = {
+        "worker_id": config.worker_id,
+        "incarnation_id": service.incarnation_id,
+        "role": config.role,
+        "grpc_address": service.address,
+        "kv_store": f"{local.host}:{local.port}",
+        "pid": os.getpid(),
+        "model": config.model,
+        "model_hash": engine.runtime.model_hash,
+    }
+    print("READY " + json.dumps(ready), file=ready_out, flush=True)
+    stop = asyncio.Event()
+    aio_loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aio_loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        if not service.loop.is_alive():
+            await health.set("", NOT_SERVING)
+            await health.set(WORKER_SERVICE, NOT_SERVING)
+    service.state = common_pb2.WORKER_STATE_STOPPING
+    await health.set(WORKER_SERVICE, NOT_SERVING)
+    await server.stop(grace=1.0)
+    await service.close()
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worker-id", default=None, help="stable id (default: worker-<random>)")
+    p.add_argument("--role", default="mixed", choices=sorted(ROLES))
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
+    p.add_argument("--kv-backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    p.add_argument("--kv-port", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=4096)
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    backend = args.kv_backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    return WorkerConfig(
+        worker_id=args.worker_id or f"worker-{uuid.uuid4().hex[:6]}",
+        role=args.role,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+        kv_backend=backend,
+        kv_port=args.kv_port,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(name)s: %(message)s")
+    asyncio.run(serve(config_from_args(args)))
+    return 0

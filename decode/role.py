@@ -1,0 +1,248 @@
+"""The decode role: reserve KV first, have a prefill worker fill it, then decode and stream.
+
+Per request (the `Decode` RPC):
+
+    preallocated ──expect(KV)──▶ receiving ──KV + first token──▶ running ──▶ finished
+         │                            │                                       ▲
+         └── no prefill peer: the request is prefilled here (mixed / conditional disaggregation)
+
+Admission: when the blocks aren't there, the request waits (bounded by `admission_timeout_s`)
+and then fails with RESOURCE_EXHAUSTED. A failed prefill or transfer frees the blocks and fails
+the RPC with UNAVAILABLE so the router retries on another pair. A cancelled RPC aborts the
+request here, cancels the transfer and tells the prefill worker, freeing every block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from cluster.convert import (
+    FINISH_REASONS,
+    SamplingParamsError,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    sampling_from_proto,
+)
+from cluster.engine_loop import EngineLoop
+from cluster.kv_transport import KVTransferError, KVTransport, PeerRef
+from cluster.role_support import OutputQueue, RoleError, on_engine, transfer_error_status, wait_transfer
+from engine.request import Request
+from engine.scheduler import RequestOutput, SampledToken
+from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeRoleConfig:
+    admission_timeout_s: float = 30.0
+    admission_poll_s: float = 0.01
+    prefill_timeout_s: float = 120.0
+
+
+class DecodeRole:
+    def __init__(
+        self,
+        engine_loop: EngineLoop,
+        transport: KVTransport,
+        self_ref: common_pb2.WorkerRef,
+        config: DecodeRoleConfig | None = None,
+    ) -> None:
+        self.loop = engine_loop
+        self.transport = transport
+        self.self_ref = self_ref
+        self.config = config or DecodeRoleConfig()
+        self._peers: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        self.num_remote_prefills = 0
+        self.num_local_prefills = 0
+        self.num_transfer_failures = 0
+
+    async def close(self) -> None:
+        for channel, _ in self._peers.values():
+            await channel.close()
+
+    def _peer_stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        if address not in self._peers:
+            channel = grpc.aio.insecure_channel(address)
+            self._peers[address] = (channel, worker_pb2_grpc.WorkerStub(channel))
+        return self._peers[address][1]
+
+    async def decode(self, msg: worker_pb2.DecodeRequest, context) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        spec = msg.request
+        try:
+            params = sampling_from_proto(spec.sampling)
+        except SamplingParamsError as exc:
+            raise RoleError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        request: Request = await on_engine(
+            self.loop,
+            lambda e: e.make_request(spec.request_id, list(spec.prompt_token_ids), params, list(spec.output_token_ids)),
+        )
+        queue = OutputQueue()
+        finished = False
+        prefill_call: asyncio.Task | None = None
+        try:
+            if msg.HasField("prefill_peer"):
+                prefill_call, first = await self._remote_prefill(msg, request, queue)
+            else:
+                first = await self._local_prefill(request, queue)
+            yield first
+            finished = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield self._response(output)
+        finally:
+            if not finished:
+                await self._abort(request, msg, prefill_call)
+
+    # ----------------------------------------------------------------------------- prefill paths
+    async def _local_prefill(self, request: Request, queue: OutputQueue) -> worker_pb2.DecodeResponse:
+        start = time.monotonic()
+
+        def submit(engine) -> None:
+            self.loop.sinks[request.request_id] = queue.push
+            engine.submit(request)
+
+        await on_engine(self.loop, submit)
+        self.num_local_prefills += 1
+        output = await queue.get()
+        response = self._response(output)
+        response.prefill.CopyFrom(
+            worker_pb2.PrefillInfo(
+                worker_id=self.self_ref.worker_id,
+                is_remote=False,
+                num_prefilled_tokens=request.num_prompt_tokens - request.num_cached_tokens,
+                num_cached_tokens=request.num_cached_tokens,
+                prefill_seconds=time.monotonic() - start,
+            )
+        )
+        return response
+
+    async def _remote_prefill(
+        self, msg: worker_pb2.DecodeRequest, request: Request, queue: OutputQueue
+    ) -> tuple[asyncio.Task, worker_pb2.DecodeResponse]:
+        start = time.monotonic()
+        await self._preallocate(request)
+        queue_seconds = time.monotonic() - start
+        peer = msg.prefill_peer
+        block_size = self.transport.spec.block_size
+        num_hit_blocks = request.num_cached_tokens // block_size
+        transfer_id = f"{request.request_id}/{msg.transfer_id}"
+        future = self.transport.expect(
+            PeerRef(peer.worker_id, peer.incarnation_id),
+            transfer_id,
+            request.block_ids[num_hit_blocks:],
+            request.num_tokens - request.num_cached_tokens,
+        )
+        local = self.transport.local
+        prefill_msg = worker_pb2.PrefillRequest(
+            request=msg.request,
+            destination=worker_pb2.KVDestination(
+                worker=self.self_ref,
+                kv_store_host=local.host,
+                kv_store_port=local.port,
+                block_ids=request.block_ids,
+                num_cached_tokens=request.num_cached_tokens,
+            ),
+            transfer_id=msg.transfer_id,
+        )
+        stub = self._peer_stub(peer.grpc_address)
+        call = asyncio.ensure_future(stub.Prefill(prefill_msg, timeout=self.config.prefill_timeout_s))
+        try:
+            response = await call
+            result = await wait_transfer(future)
+        except grpc.aio.AioRpcError as exc:
+            future.cancel()
+            raise RoleError(
+                grpc.StatusCode.UNAVAILABLE, f"prefill on {peer.worker_id} failed: {exc.code().name}: {exc.details()}"
+            ) from None
+        except KVTransferError as exc:
+            self.num_transfer_failures += 1
+            raise transfer_error_status(exc) from None
+        self.num_remote_prefills += 1
+        token = SampledToken(
+            response.first_token_id,
+            logprobs_from_proto(response.first_token_logprobs) if response.HasField("first_token_logprobs") else None,
+        )
+
+        def adopt(engine) -> RequestOutput:
+            self.loop.sinks[request.request_id] = queue.push
+            return engine.adopt(request, token)
+
+        first = self._response(await on_engine(self.loop, adopt))
+        first.prefill.CopyFrom(
+            worker_pb2.PrefillInfo(
+                worker_id=peer.worker_id,
+                is_remote=True,
+                num_prefilled_tokens=response.num_prefilled_tokens,
+                num_cached_tokens=request.num_cached_tokens,
+                queue_seconds=queue_seconds,
+                prefill_seconds=response.prefill_seconds,
+                transfer=worker_pb2.KVTransferStats(
+                    num_bytes=result.num_bytes,
+                    num_blocks=len(request.block_ids) - num_hit_blocks,
+                    seconds=result.elapsed_s,
+                ),
+            )
+        )
+        return call, first
+
+    async def _preallocate(self, request: Request) -> None:
+        deadline = time.monotonic() + self.config.admission_timeout_s
+        while await on_engine(self.loop, lambda e: e.preallocate(request)) is None:
+            if time.monotonic() >= deadline:
+                raise RoleError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"no KV room for {request.num_tokens} tokens after {self.config.admission_timeout_s:.0f} s",
+                )
+            await asyncio.sleep(self.config.admission_poll_s)
+
+    # ----------------------------------------------------------------------------- outputs
+    def _response(self, output: RequestOutput) -> worker_pb2.DecodeResponse:
+        request = output.request
+        response = worker_pb2.DecodeResponse(
+            token_ids=list(output.new_token_ids), logprobs=[logprobs_to_proto(lp) for lp in output.new_logprobs]
+        )
+        if output.finished:
+            response.finish_reason = FINISH_REASONS.get(
+                request.finish_reason or "error", common_pb2.FINISH_REASON_ERROR
+            )
+            if isinstance(request.stop_reason, int):
+                response.matched_stop_token_id = request.stop_reason
+            response.usage.CopyFrom(
+                common_pb2.Usage(
+                    prompt_tokens=request.num_prompt_tokens,
+                    completion_tokens=request.num_output_tokens,
+                    cached_prompt_tokens=request.num_cached_tokens,
+                )
+            )
+        return response
+
+    async def _abort(self, request: Request, msg: worker_pb2.DecodeRequest, prefill_call: asyncio.Task | None) -> None:
+        """Free everything this request holds here and on its prefill worker (idempotent)."""
+        self.loop.sinks.pop(request.request_id, None)
+        self.transport.abort(f"{request.request_id}/{msg.transfer_id}")
+        with contextlib.suppress(RuntimeError):
+            await asyncio.shield(
+                on_engine(self.loop, lambda e: e.abort(request.request_id) or e.scheduler.abort(request))
+            )
+        if msg.HasField("prefill_peer"):
+            if prefill_call is not None:
+                prefill_call.cancel()
+            stub = self._peer_stub(msg.prefill_peer.grpc_address)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                await asyncio.shield(
+                    stub.AbortRequest(
+                        worker_pb2.WorkerAbortRequest(
+                            request_id=request.request_id, transfer_id=msg.transfer_id, reason="decode aborted"
+                        ),
+                        timeout=2.0,
+                    )
+                )

@@ -1,0 +1,88 @@
+"""The router process: serves `pdserve.v1.Generation` (gRPC) over a pool of workers.
+
+Prints `READY {json}` on stdout once listening, like the workers, for launchers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+
+import grpc
+
+from engine.tokenizer import Tokenizer
+from protos.pdserve.v1 import generate_pb2_grpc
+from protos.services import GENERATION_SERVICE, NOT_SERVING, SERVING, add_standard_services
+from router.server import GenerationService, RouterConfig
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+async def serve(config: RouterConfig, worker_addresses: list[str], host: str, port: int, ready_out=sys.stdout) -> None:
+    tokenizer = Tokenizer.for_model(config.model_id)
+    pool = WorkerPool(worker_addresses)
+    await pool.start()
+    service = GenerationService(config, tokenizer, pool)
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", config.max_request_bytes + (64 << 10))],
+    )
+    generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    health = add_standard_services(server, [GENERATION_SERVICE])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    await server.start()
+    ready = {"grpc_address": f"{host}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
+    print("READY " + json.dumps(ready), file=ready_out, flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    serving = True
+    while not stop.is_set():
+        # The router serves while at least one decode (or mixed) worker can take requests.
+        now_serving = pool.has_decode_capacity()
+        if now_serving != serving:
+            serving = now_serving
+            log.warning("router health: %s", "SERVING" if serving else "NOT_SERVING (no decode worker)")
+            for name in ("", GENERATION_SERVICE):
+                await health.set(name, SERVING if serving else NOT_SERVING)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.25)
+    await server.stop(grace=1.0)
+    await pool.close()
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="model id served (a preset name or a model folder)")
+    p.add_argument("--workers", required=True, help="comma-separated worker gRPC addresses host:port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0, help="prompts this short prefill on decode")
+    p.add_argument("--max-inflight", type=int, default=256)
+    p.add_argument("--max-queued", type=int, default=1024)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s router %(name)s: %(message)s")
+    config = RouterConfig(
+        model_id=args.model,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        max_inflight=args.max_inflight,
+        max_queued=args.max_queued,
+    )
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    if not workers:
+        raise ValueError("--workers must name at least one worker address")
+    asyncio.run(serve(config, workers, args.host, args.port))
+    return 0

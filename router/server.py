@@ -1,0 +1,358 @@
+"""The public gRPC API (`pdserve.v1.Generation`): validate, tokenize, route, relay, retry.
+
+One `Generate` call:
+
+    validate + tokenize ──▶ admission (bounded queue) ──▶ pick decode D (+ prefill P)
+        ──▶ D.Decode(request, prefill_peer=P) stream ──▶ detokenize, stop strings ──▶ client
+    failure before the first token ──▶ another pair (up to `max_attempts`)
+    failure after some tokens     ──▶ another decode worker continues from prompt + tokens so far
+    client gone / Abort / deadline ──▶ the D call is cancelled, D aborts and frees (and tells P)
+
+The router process never imports torch: it uses the engine's torch-free tokenizer, configs and
+sampling validation (`engine.tokenizer`, `engine.config`, `engine.sampling_params`), which a
+test checks. This is a deliberate widening of DESIGN's import table: tokenization must match the
+workers' exactly, so both import one implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import json_format
+
+from cluster.convert import FINISH_REASON_NAMES, SamplingParamsError, sampling_from_proto, sampling_to_proto
+from engine.block_manager import prompt_block_hashes
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from protos.pdserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2
+from router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_id: str
+    max_model_len: int
+    block_size: int = 16
+    default_max_tokens: int = 256
+    # Prompts at most this long are prefilled on the decode worker (conditional disaggregation).
+    local_prefill_max_tokens: int = 0
+    max_attempts: int = 3
+    max_inflight: int = 256
+    max_queued: int = 1024
+    max_request_bytes: int = 4 << 20
+    # How long a request may wait for any decode worker to become available.
+    wait_for_workers_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "block_size", "default_max_tokens", "max_attempts", "max_inflight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"router config {name} must be a positive integer, got {value!r}")
+        if self.local_prefill_max_tokens < 0 or self.max_queued < 0:
+            raise ValueError("local_prefill_max_tokens and max_queued must be >= 0")
+
+
+class RequestError(Exception):
+    """Ends a Generate call with a status and a message naming the problem."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    params_max_tokens: int
+    stops: tuple[str, ...]
+    include_stop: bool
+    skip_special: bool
+
+
+class GenerationService(generate_pb2_grpc.GenerationServicer):
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self._slots = asyncio.Semaphore(config.max_inflight)
+        self._num_queued = 0
+        self._calls: dict[str, asyncio.Task] = {}
+        self._transfer_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
+        self.num_retries = 0
+        self.num_migrations = 0
+
+    # ----------------------------------------------------------------------------- RPCs
+    async def ListModels(self, request, context):
+        info = generate_pb2.ModelInfo(
+            id=self.config.model_id,
+            max_model_len=self.config.max_model_len,
+            owned_by="pdserve",
+            root=self.config.model_id,
+        )
+        return generate_pb2.ListModelsResponse(models=[info])
+
+    async def Abort(self, request, context):
+        task = self._calls.get(request.request_id)
+        if task is None:
+            return generate_pb2.AbortResponse(aborted=False)
+        task.cancel()
+        return generate_pb2.AbortResponse(aborted=True)
+
+    async def Generate(self, request, context):
+        try:
+            prepared = self._prepare(request)
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        if prepared.request_id in self._calls:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {prepared.request_id!r} is in flight")
+        self._calls[prepared.request_id] = asyncio.current_task()
+        try:
+            async for message in self._generate(prepared, context):
+                yield message
+        except RequestError as err:
+            await context.abort(err.code, err.message)
+        except asyncio.CancelledError:
+            if context.cancelled() or context.done():
+                raise
+            # Cancelled by our own Abort RPC: end the stream with ABORT rather than an error.
+            yield generate_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ABORT)
+        finally:
+            self._calls.pop(prepared.request_id, None)
+
+    # ----------------------------------------------------------------------------- validation
+    def _prepare(self, request: generate_pb2.GenerateRequest) -> _Prepared:
+        if request.ByteSize() > self.config.max_request_bytes:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request of {request.ByteSize()} bytes is too large")
+        if request.model and request.model != self.config.model_id:
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not served here (serving {self.config.model_id!r})"
+            )
+        prompt_ids = self._tokenize(request)
+        if not prompt_ids:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in prompt_ids if t >= vocab]
+        if bad:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"token ids outside the vocabulary [0, {vocab}): {bad[:8]}"
+            )
+        max_len = self.config.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {len(prompt_ids)} tokens but the context holds {max_len}",
+            )
+        try:
+            params = sampling_from_proto(request.sampling, default_max_tokens=self.config.default_max_tokens)
+        except SamplingParamsError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if len(prompt_ids) + params.max_tokens > max_len:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds the context "
+                f"of {max_len}",
+            )
+        return _Prepared(
+            request_id=request.request_id or f"req-{uuid.uuid4().hex[:16]}",
+            prompt_ids=prompt_ids,
+            sampling=sampling_to_proto(params),
+            params_max_tokens=params.max_tokens,
+            stops=params.stop,
+            include_stop=params.include_stop_str_in_output,
+            skip_special=params.skip_special_tokens,
+        )
+
+    def _tokenize(self, request: generate_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            return list(request.token_ids.token_ids)
+        if kind == "text":
+            return self.tokenizer.encode(request.text)
+        if kind == "chat":
+            chat = request.chat
+            if not chat.messages:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty")
+            messages = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages]
+            kwargs = (
+                json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
+            )
+            tools = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in chat.tools]
+            add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=add_prompt, tools=tools or None, **kwargs
+                )
+            except Exception as exc:  # template errors are the caller's input
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from None
+            return self.tokenizer.encode(text)
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text, chat or token_ids")
+
+    # ----------------------------------------------------------------------------- relay
+    async def _admit(self, context) -> None:
+        if self._slots.locked() and self._num_queued >= self.config.max_queued:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "router queue is full; retry later")
+        self._num_queued += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._num_queued -= 1
+
+    async def _generate(self, req: _Prepared, context):
+        await self._admit(context)
+        try:
+            yield generate_pb2.GenerateResponse(
+                metadata=generate_pb2.GenerateMetadata(
+                    request_id=req.request_id, model=self.config.model_id, num_prompt_tokens=len(req.prompt_ids)
+                )
+            )
+            async for message in self._relay(req, context):
+                yield message
+        finally:
+            self._slots.release()
+
+    async def _relay(self, req: _Prepared, context):
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=req.skip_special)
+        tokens: list[int] = []
+        text = ""
+        emitted = 0  # characters of `text` already sent
+        excluded: set[str] = set()
+        attempts = 0
+        usage = common_pb2.Usage(prompt_tokens=len(req.prompt_ids))
+        holdback = max((len(s) for s in req.stops), default=1) - 1
+        while True:
+            attempts += 1
+            decode, prefill = await self._pick(req, tokens, excluded, context)
+            call = decode.stub.Decode(self._decode_request(req, tokens, prefill), timeout=_remaining(context))
+            decode.num_inflight += 1
+            if prefill:
+                prefill.num_inflight += 1
+            try:
+                async for resp in call:
+                    new_tokens = list(resp.token_ids)
+                    for token in new_tokens:
+                        text += detok.push(token)
+                    tokens.extend(new_tokens)
+                    if resp.HasField("usage"):
+                        usage.cached_prompt_tokens = max(usage.cached_prompt_tokens, resp.usage.cached_prompt_tokens)
+                    stop = _find_stop(text, req.stops, max(0, emitted - holdback))
+                    finished = resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                    out = generate_pb2.GenerateResponse(token_ids=new_tokens)
+                    out.logprobs.extend(self._with_text(resp.logprobs))
+                    if stop is not None:
+                        at, stop_str = stop
+                        end = at + len(stop_str) if req.include_stop else at
+                        out.text = text[emitted:end]
+                        out.finish_reason = common_pb2.FINISH_REASON_STOP
+                        out.matched_stop_str = stop_str
+                        call.cancel()
+                    else:
+                        safe = len(text) if finished else max(emitted, len(text) - holdback)
+                        out.text = text[emitted:safe]
+                        emitted = safe
+                        if finished:
+                            out.finish_reason = resp.finish_reason
+                            if resp.HasField("matched_stop_token_id"):
+                                out.matched_stop_token_id = resp.matched_stop_token_id
+                    if stop is not None or finished:
+                        usage.completion_tokens = len(tokens)
+                        out.usage.CopyFrom(usage)
+                        yield out
+                        return
+                    if out.token_ids or out.text:
+                        yield out
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise RequestError(code, "deadline exceeded before the request finished") from None
+                if code not in RETRYABLE or attempts >= self.config.max_attempts:
+                    raise RequestError(code, exc.details() or code.name) from None
+                log.warning("request %s failed on %s (%s); retrying", req.request_id, decode.address, code.name)
+                self.pool.suspend(decode)
+                excluded.add(decode.address)
+                if prefill and not tokens:
+                    excluded.add(prefill.address)
+                if tokens:
+                    self.num_migrations += 1
+                else:
+                    self.num_retries += 1
+            finally:
+                call.cancel()
+                decode.num_inflight -= 1
+                if prefill:
+                    prefill.num_inflight -= 1
+
+    async def _pick(
+        self, req: _Prepared, tokens: list[int], excluded: set[str], context
+    ) -> tuple[WorkerHandle, WorkerHandle | None]:
+        deadline = time.monotonic() + self.config.wait_for_workers_s
+        while True:
+            decode = self.pool.pick_decode(excluded) or self.pool.pick_decode(set())
+            if decode is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "no decode worker is available")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pool.changed.wait(), timeout=0.5)
+        num_tokens = len(req.prompt_ids) + len(tokens)
+        prefill = None
+        if num_tokens > self.config.local_prefill_max_tokens:
+            prefill = self.pool.pick_prefill(excluded)
+        return decode, prefill
+
+    def _decode_request(self, req: _Prepared, tokens: list[int], prefill: WorkerHandle | None):
+        hashes = prompt_block_hashes(req.prompt_ids, self.config.block_size)
+        msg = worker_pb2.DecodeRequest(
+            request=worker_pb2.EngineRequest(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_ids,
+                output_token_ids=tokens,
+                sampling=req.sampling,
+                prompt_block_hashes=[int.from_bytes(h[:8], "big") for h in hashes],
+            ),
+            transfer_id=next(self._transfer_ids) % (1 << 63) or 1,
+        )
+        if prefill is not None:
+            msg.prefill_peer.CopyFrom(prefill.ref())
+        return msg
+
+    def _with_text(self, logprobs) -> list[common_pb2.TokenLogprobs]:
+        out = []
+        for lp in logprobs:
+            item = common_pb2.TokenLogprobs()
+            item.CopyFrom(lp)
+            item.sampled.token = self.tokenizer.decode([lp.sampled.token_id], skip_special_tokens=False)
+            for alt in item.top:
+                alt.token = self.tokenizer.decode([alt.token_id], skip_special_tokens=False)
+            out.append(item)
+        return out
+
+
+def _remaining(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else max(remaining, 0.001)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        at = text.find(stop, start)
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop)
+    return best
+
+
+__all__ = ["FINISH_REASON_NAMES", "GenerationService", "RequestError", "RouterConfig"]
