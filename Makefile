@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $@
 
+# A local cluster (router + 1 prefill + 1 decode worker, tiny preset, CPU) that answers a demo
+# prompt, then keeps serving on 127.0.0.1:50051 until Ctrl-C. SERVE_ARGS adds `pdserve up` flags.
+SERVE_ARGS ?=
 serve: setup
-	$(VENV)/bin/pdserve generate --model tiny --max-tokens 24 "Hello, ERNIE!"
+	$(VENV)/bin/pdserve up $(SERVE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -31,7 +34,7 @@ protos: setup
 
 # pytest exits 5 when it collects nothing, so an empty run fails here rather than passing silently.
 test: setup lint
-	$(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not gpu and not slow" $(PYTEST_ARGS)
 
 gpu-test:
 	python3 -m pytest -m gpu $(PYTEST_ARGS)

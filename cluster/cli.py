@@ -99,6 +99,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-arg", action="append", help="extra argument for every worker (repeatable)")
     p.add_argument("--router-arg", action="append", help="extra argument for the router (repeatable)")
     p.add_argument("--demo", nargs="*", default=None, help="send these prompts, print the outputs, and stop")
+    p.add_argument("--no-greeting", action="store_true", help="skip the first demo request on start")
     p.add_argument("-v", "--verbose", action="store_true", help="echo every process's log")
 
     def run(args: argparse.Namespace) -> int:

@@ -174,9 +174,11 @@ def run(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if args.demo:
-            _demo(cluster.address, args.demo)
+        if args.demo is not None:
+            _demo(cluster.address, args.demo or ["Hello from pdserve!"])
             return 0
+        if not args.no_greeting:
+            _demo(cluster.address, ["Hello from pdserve!"])
         while not stop.wait(0.5):
             dead = [p.name for p in [cluster.router, *cluster.workers] if p and p.popen.poll() is not None]
             if dead:
