@@ -16,8 +16,9 @@ import sys
 
 import grpc
 
+from cluster.registry import EmbeddedRegistry, RegistryService, make_registry
 from engine.tokenizer import Tokenizer
-from protos.pdserve.v1 import generate_pb2_grpc
+from protos.pdserve.v1 import generate_pb2_grpc, registry_pb2_grpc
 from protos.services import GENERATION_SERVICE, NOT_SERVING, SERVING, add_standard_services
 from router.server import GenerationService, RouterConfig
 from router.workers import WorkerPool
@@ -25,21 +26,36 @@ from router.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 
-async def serve(config: RouterConfig, worker_addresses: list[str], host: str, port: int, ready_out=sys.stdout) -> None:
+async def serve(
+    config: RouterConfig,
+    worker_addresses: list[str],
+    host: str,
+    port: int,
+    registry_url: str = "embedded",
+    ready_out=sys.stdout,
+) -> None:
     tokenizer = Tokenizer.for_model(config.model_id)
     pool = WorkerPool(worker_addresses)
-    await pool.start()
+    registry = None
+    if worker_addresses:  # a static list: poll each worker's GetLoad
+        await pool.start()
+    else:  # membership from the registry (embedded in this process unless a URL names one)
+        registry = make_registry(registry_url)
+        pool.start_watching(registry)
     service = GenerationService(config, tokenizer, pool)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", config.max_request_bytes + (64 << 10))],
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    if isinstance(registry, EmbeddedRegistry):
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(registry), server)
     health = add_standard_services(server, [GENERATION_SERVICE])
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
     ready = {"grpc_address": f"{host}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
+    ready["registry"] = f"grpc://{host}:{bound}" if isinstance(registry, EmbeddedRegistry) else registry_url
     print("READY " + json.dumps(ready), file=ready_out, flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -57,11 +73,18 @@ async def serve(config: RouterConfig, worker_addresses: list[str], host: str, po
             await asyncio.wait_for(stop.wait(), timeout=0.25)
     await server.stop(grace=1.0)
     await pool.close()
+    if registry is not None:
+        await registry.close()
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="model id served (a preset name or a model folder)")
-    p.add_argument("--workers", required=True, help="comma-separated worker gRPC addresses host:port")
+    p.add_argument("--workers", default="", help="static worker addresses host:port,... (instead of a registry)")
+    p.add_argument(
+        "--registry",
+        default="embedded",
+        help="'embedded' (served on this router's gRPC port; workers use grpc://ROUTER) or redis://host:port",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-model-len", type=int, default=4096)
@@ -82,7 +105,5 @@ def run(args: argparse.Namespace) -> int:
         max_queued=args.max_queued,
     )
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    if not workers:
-        raise ValueError("--workers must name at least one worker address")
-    asyncio.run(serve(config, workers, args.host, args.port))
+    asyncio.run(serve(config, workers, args.host, args.port, registry_url=args.registry))
     return 0

@@ -1,10 +1,16 @@
 """The router's view of the workers: gRPC stubs, last load reports, and the routing policy.
 
-A background task polls every worker's `GetLoad` (the registry's job once it exists: the router
-then learns addresses from it). A worker whose poll fails is out of rotation until a poll
-succeeds again; a worker that fails a request is suspended for a short back-off (a small circuit
-breaker). The policy never blocks on a worker: it reads the last reports plus the router's own
-count of requests it has in flight on each worker since that report.
+Membership and load come from one of two sources:
+
+* a registry (`watch(registry)`): the workers' heartbeats carry their load reports; a worker
+  whose record disappears stays routable until its TTL has passed since it was last seen (so a
+  Redis restart, which loses every record until the next beats, costs nothing), and while the
+  registry is unreachable the router keeps the membership it last saw;
+* a static address list: a background task polls every worker's `GetLoad`.
+
+A worker that fails a request is suspended for a short back-off (a small circuit breaker). The
+policy never blocks on a worker: it reads the last reports plus the router's own count of
+requests it has in flight on each worker since that report.
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
-from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from cluster.registry import Registry, RegistryUnavailable
+from protos.pdserve.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,9 @@ class WorkerHandle:
     suspended_until: float = 0.0
     num_inflight: int = 0
     num_failures: int = 0
-    extra: dict = field(default_factory=dict)
+    last_seen: float = 0.0  # monotonic time of the last report (poll or heartbeat)
+    ttl_s: float = 0.0  # registry TTL; 0 for polled workers
+    info: common_pb2.WorkerInfo | None = None
 
     @property
     def worker_id(self) -> str:
@@ -44,6 +53,8 @@ class WorkerHandle:
 
     @property
     def available(self) -> bool:
+        if self.ttl_s and time.monotonic() - self.last_seen > self.ttl_s:
+            return False
         return (
             self.reachable
             and self.report is not None
@@ -93,6 +104,42 @@ class WorkerPool:
         for handle in self.workers.values():
             await handle.channel.close()
 
+    def sync(self, records: list[registry_pb2.WorkerRecord]) -> None:
+        """Adopt the registry's view: new workers join, reports refresh, restarts are noticed."""
+        now = time.monotonic()
+        for record in records:
+            info = record.info
+            address = f"{info.host}:{info.grpc_port}"
+            handle = self.add(address)
+            if handle.report is not None and handle.report.incarnation_id != info.incarnation_id:
+                log.info("worker %s at %s restarted (incarnation %s)", info.worker_id, address, info.incarnation_id)
+                handle.suspended_until = 0.0
+            handle.info = info
+            handle.report = record.load
+            handle.reachable = True
+            handle.last_seen = now
+            handle.ttl_s = record.ttl_seconds or 3.0
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def watch(self, registry: Registry, interval_s: float = 0.25) -> None:
+        """Follow `registry` until cancelled; keep the last view while it is unreachable."""
+        healthy = True
+        while True:
+            try:
+                self.sync(await registry.list_workers())
+                if not healthy:
+                    log.info("registry reachable again")
+                healthy = True
+            except RegistryUnavailable as exc:
+                if healthy:
+                    log.warning("registry unreachable, routing on the last known membership: %s", exc)
+                healthy = False
+            await asyncio.sleep(interval_s)
+
+    def start_watching(self, registry: Registry, interval_s: float = 0.25) -> None:
+        self._poller = asyncio.create_task(self.watch(registry, interval_s))
+
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(h) for h in list(self.workers.values())))
         self.changed.set()
@@ -116,6 +163,7 @@ class WorkerPool:
             handle.suspended_until = 0.0
         handle.report = report
         handle.reachable = True
+        handle.last_seen = time.monotonic()
 
     def suspend(self, handle: WorkerHandle) -> None:
         """Take a worker out of rotation for a back-off after it failed a request."""
