@@ -1,0 +1,81 @@
+"""Triton kernel of the MoE router (see `moe_route.py`; reference `route_ref`).
+
+Names: T tokens, H hidden size, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _route_kernel(
+    hidden_ptr,  # [T, H] (row stride stride_hm)
+    gate_ptr,  # [E, H] (row stride stride_ge)
+    bias_ptr,  # [E] fp32 (unused unless HAS_BIAS)
+    weights_ptr,  # [T, K] out, hidden's dtype: chosen probs renormalised
+    ids_ptr,  # [T, K] out, int64
+    num_tokens,
+    num_experts,
+    hidden_size,
+    stride_hm,
+    stride_ge,
+    norm_min,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # grid: (cdiv(T, BLOCK_T),)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    offs_e = tl.arange(0, E_POW2)  # [E_POW2]
+    offs_k = tl.arange(0, BLOCK_K)
+    t_mask = offs_t < num_tokens
+    e_mask = offs_e < num_experts
+
+    # logits = x @ gate.T in full fp32 (no tf32): the top-k choice must match the reference's.
+    logits = tl.zeros((BLOCK_T, E_POW2), dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k_mask = offs_k < hidden_size - k0
+        x = tl.load(
+            hidden_ptr + offs_t[:, None].to(tl.int64) * stride_hm + (k0 + offs_k)[None, :],
+            mask=t_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_T, BLOCK_K]
+        g = tl.load(
+            gate_ptr + offs_e[None, :] * stride_ge + (k0 + offs_k)[:, None],
+            mask=e_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_K, E_POW2]
+        logits = tl.dot(x, g, logits, input_precision="ieee")
+
+    # softmax over the real experts
+    logits = tl.where(e_mask[None, :], logits, float("-inf"))
+    probs = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = probs / tl.sum(probs, axis=1)[:, None]  # [BLOCK_T, E_POW2]
+    scores = probs
+    if HAS_BIAS:
+        scores = probs + tl.load(bias_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
+    scores = tl.where(e_mask[None, :], scores, float("-inf"))
+
+    # top-k by repeated argmax (first index wins a tie); keep the unbiased probs of the chosen
+    slots = tl.arange(0, K_POW2)  # [K_POW2]
+    chosen_ids = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int32)
+    chosen_probs = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.argmax(scores, axis=1)  # [BLOCK_T]
+        is_best = offs_e[None, :] == best[:, None]  # [BLOCK_T, E_POW2]
+        prob = tl.sum(tl.where(is_best, probs, 0.0), axis=1)
+        scores = tl.where(is_best, float("-inf"), scores)
+        chosen_ids = tl.where(slots[None, :] == slot, best[:, None], chosen_ids)
+        chosen_probs = tl.where(slots[None, :] == slot, prob[:, None], chosen_probs)
+    total = tl.maximum(tl.sum(chosen_probs, axis=1), norm_min)
+    weights = chosen_probs / total[:, None]
+
+    out_offs = offs_t[:, None].to(tl.int64) * TOP_K + slots[None, :]
+    out_mask = t_mask[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out_offs, weights.to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + out_offs, chosen_ids.to(tl.int64), mask=out_mask)
