@@ -7,6 +7,7 @@ period. A process that dies during start-up fails `up` with its last output line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import grpc
 
 READY_TIMEOUT_S = 120.0
 
@@ -32,6 +35,7 @@ class ClusterSpec:
     router_port: int = 50051
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
+    registry: str = ""  # "" = the router's embedded registry; or redis://host:port
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode", "num_mixed"):
@@ -79,6 +83,7 @@ class LocalCluster:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.workers: list[Process] = []
         self.router: Process | None = None
+        self.registry_url = ""
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -108,25 +113,45 @@ class LocalCluster:
     def start_worker(self, role: str, index: int) -> Process:
         spec = self.spec
         argv = ["worker", "--role", role, "--worker-id", f"{role}-{index}", "--model", spec.model]
-        argv += ["--device", _device_for(spec.device, index), "--host", spec.host, *spec.worker_args]
+        argv += ["--device", _device_for(spec.device, index), "--host", spec.host, "--registry", self.registry_url]
+        argv += spec.worker_args
         process = self._spawn(f"{role}-{index}", argv)
         self.workers.append(process)
         return process
 
     def start(self) -> None:
+        """Router first (it serves the embedded registry, unless `spec.registry` names Redis),
+        then the workers, which join by heartbeating; returns once the router can route."""
         spec = self.spec
         roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode + ["mixed"] * spec.num_mixed
         try:
-            for index, role in enumerate(roles):
-                self.start_worker(role, index)
-            addresses = [w.wait_ready(READY_TIMEOUT_S)["grpc_address"] for w in self.workers]
-            argv = ["router", "--model", spec.model, "--workers", ",".join(addresses)]
+            argv = ["router", "--model", spec.model, "--registry", spec.registry or "embedded"]
             argv += ["--host", spec.host, "--port", str(spec.router_port), *spec.router_args]
             self.router = self._spawn("router", argv)
-            self.router.wait_ready(READY_TIMEOUT_S)
+            self.registry_url = self.router.wait_ready(READY_TIMEOUT_S)["registry"]
+            for index, role in enumerate(roles):
+                self.start_worker(role, index)
+            for worker in self.workers:
+                worker.wait_ready(READY_TIMEOUT_S)
+            self.wait_serving(READY_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
+
+    def wait_serving(self, timeout: float) -> None:
+        """Until the router's health says SERVING (a decode-capable worker has joined)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                with contextlib.suppress(grpc.RpcError):
+                    status = stub.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=2)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.1)
+        raise RuntimeError(f"router at {self.address} did not start serving within {timeout:.0f} s")
 
     def stop(self, grace_s: float = 5.0) -> None:
         processes = ([self.router] if self.router else []) + self.workers

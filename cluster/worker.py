@@ -27,12 +27,13 @@ import grpc
 
 from cluster.engine_loop import EngineLoop
 from cluster.kv_transport import KVSpec, PeerRef, TransportConfig, make_transport
+from cluster.registry import Heartbeater, make_registry
 from cluster.role_support import RoleError, on_engine
 from decode.role import DecodeRole
 from engine.config import CacheConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from prefill.role import PrefillRole
-from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from protos.pdserve.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
 from protos.services import NOT_SERVING, WORKER_SERVICE, add_standard_services
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     max_model_len: int | None = 4096
+    registry: str = ""  # grpc://ROUTER (embedded store) or redis://host:port; "" = no registry
+    heartbeat_interval_s: float = 0.5
+    registry_ttl_s: float = 3.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -97,6 +101,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def bind(self, address: str) -> None:
         self.address = address
         self.decode_role = DecodeRole(self.loop, self.transport, self.ref())
+
+    def info(self) -> common_pb2.WorkerInfo:
+        host, _, port = self.address.rpartition(":")
+        local = self.transport.local
+        return common_pb2.WorkerInfo(
+            worker_id=self.config.worker_id,
+            incarnation_id=self.incarnation_id,
+            host=host,
+            grpc_port=int(port),
+            kv_store_host=local.host,
+            kv_store_port=local.port,
+            role=self.role,
+            role_epoch=self.role_epoch,
+            device=self.config.device,
+            model_id=self.config.model,
+            num_ranks=1,
+            state=self.state,
+        )
+
+    async def registry_record(self) -> registry_pb2.WorkerRecord:
+        load = await on_engine(self.loop, self._load_report)
+        return registry_pb2.WorkerRecord(info=self.info(), load=load, ttl_seconds=self.config.registry_ttl_s)
 
     def ref(self) -> common_pb2.WorkerRef:
         return common_pb2.WorkerRef(
@@ -241,6 +267,11 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
         "model": config.model,
         "model_hash": engine.runtime.model_hash,
     }
+    heartbeater = None
+    if config.registry:
+        heartbeater = Heartbeater(make_registry(config.registry), service.registry_record, config.heartbeat_interval_s)
+        await heartbeater.beat()
+        heartbeater.start()
     print("READY " + json.dumps(ready), file=ready_out, flush=True)
     stop = asyncio.Event()
     aio_loop = asyncio.get_running_loop()
@@ -254,6 +285,9 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
             await health.set(WORKER_SERVICE, NOT_SERVING)
     service.state = common_pb2.WORKER_STATE_STOPPING
     await health.set(WORKER_SERVICE, NOT_SERVING)
+    if heartbeater is not None:
+        await heartbeater.stop((config.worker_id, service.incarnation_id))
+        await heartbeater.registry.close()
     await server.stop(grace=1.0)
     await service.close()
 
@@ -274,6 +308,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--registry", default="", help="grpc://ROUTER_HOST:PORT (embedded) or redis://host:port")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -294,6 +329,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
+        registry=args.registry,
     )
 
 

@@ -211,31 +211,44 @@ def test_router_reports_not_serving_without_decode_workers():
         cluster.stop()
 
 
-def test_decode_worker_receives_the_prompt_kv_from_the_prefill_worker(cluster_1p1d, offline_tokens):
+def test_decode_worker_receives_the_prompt_kv_and_skips_blocks_it_has_cached(cluster_1p1d):
     from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
     prefill = next(w for w in cluster_1p1d.workers if w.name.startswith("prefill"))
     decode = next(w for w in cluster_1p1d.workers if w.name.startswith("decode"))
-    prompt = PROMPTS[5]  # 100 tokens: 7 blocks of 16
-    request = worker_pb2.DecodeRequest(
-        request=worker_pb2.EngineRequest(
-            request_id="direct-1",
-            prompt_token_ids=prompt,
-            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
-        ),
-        prefill_peer=common_pb2.WorkerRef(
-            worker_id=prefill.ready["worker_id"],
-            incarnation_id=prefill.ready["incarnation_id"],
-            grpc_address=prefill.ready["grpc_address"],
-        ),
-        transfer_id=777,
-    )
-    with grpc.insecure_channel(decode.ready["grpc_address"]) as channel:
-        responses = list(worker_pb2_grpc.WorkerStub(channel).Decode(request, timeout=60))
-    info = responses[0].prefill
+    prompt = [(j * 13) % 250 + 40 for j in range(100)]  # 100 tokens no other test sends: 7 blocks of 16
+    expected = LLM(model="tiny", max_model_len=1024).generate(
+        prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    )[0]
+
+    def decode_once(request_id: str, transfer_id: int):
+        request = worker_pb2.DecodeRequest(
+            request=worker_pb2.EngineRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+            ),
+            prefill_peer=common_pb2.WorkerRef(
+                worker_id=prefill.ready["worker_id"],
+                incarnation_id=prefill.ready["incarnation_id"],
+                grpc_address=prefill.ready["grpc_address"],
+            ),
+            transfer_id=transfer_id,
+        )
+        with grpc.insecure_channel(decode.ready["grpc_address"]) as channel:
+            return list(worker_pb2_grpc.WorkerStub(channel).Decode(request, timeout=60))
+
+    block_bytes = 4 * 2 * 16 * 2 * 16 * 4  # layers x (K, V) x block tokens x kv heads x head dim x fp32
+    cold = decode_once("direct-1", 777)
+    info = cold[0].prefill
     assert info.is_remote and info.worker_id == prefill.ready["worker_id"]
-    # 7 blocks x 4 layers x (K + V) x 16 tokens x 2 kv heads x 16 dims x 4 bytes (tiny preset, fp32)
-    assert info.transfer.num_blocks == 7 and info.transfer.num_bytes == 7 * 4 * 2 * 16 * 2 * 16 * 4
-    tokens = [t for r in responses for t in r.token_ids]
-    assert tokens == offline_tokens[5]
+    assert info.num_cached_tokens == 0
+    assert info.transfer.num_blocks == 7 and info.transfer.num_bytes == 7 * block_bytes
+    assert [t for r in cold for t in r.token_ids] == list(expected.token_ids)
+
+    warm = decode_once("direct-2", 778)  # the decode worker now caches 6 full blocks of this prompt
+    info = warm[0].prefill
+    assert info.num_cached_tokens == 96
+    assert info.transfer.num_blocks == 1 and info.transfer.num_bytes == block_bytes
+    assert [t for r in warm for t in r.token_ids] == list(expected.token_ids)
     wait_idle(cluster_1p1d)
