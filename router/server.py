@@ -236,7 +236,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         while True:
             attempts += 1
             decode, prefill = await self._pick(req, tokens, excluded, context)
-            call = decode.stub.Decode(self._decode_request(req, tokens, prefill), timeout=_remaining(context))
+            call = decode.stub.Decode(self._decode_request(req, tokens, decode, prefill), timeout=_remaining(context))
             decode.num_inflight += 1
             if prefill:
                 prefill.num_inflight += 1
@@ -313,7 +313,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
             prefill = self.pool.pick_prefill(excluded)
         return decode, prefill
 
-    def _decode_request(self, req: _Prepared, tokens: list[int], prefill: WorkerHandle | None):
+    def _decode_request(self, req: _Prepared, tokens: list[int], decode: WorkerHandle, prefill: WorkerHandle | None):
         hashes = prompt_block_hashes(req.prompt_ids, self.config.block_size)
         msg = worker_pb2.DecodeRequest(
             request=worker_pb2.EngineRequest(
@@ -324,6 +324,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                 prompt_block_hashes=[int.from_bytes(h[:8], "big") for h in hashes],
             ),
             transfer_id=next(self._transfer_ids) % (1 << 63) or 1,
+            role_epoch=decode.report.role_epoch,  # a worker that switched role since refuses it
         )
         if prefill is not None:
             msg.prefill_peer.CopyFrom(prefill.ref())
