@@ -6,6 +6,7 @@ pdserve generate --model tiny "Hello"      offline generation on one engine
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -96,6 +97,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one worker per GPU)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port")
+    p.add_argument("--http-port", type=int, default=None, help="router HTTP (OpenAI API) port, default 8000; -1: off")
     p.add_argument("--worker-arg", action="append", help="extra argument for every worker (repeatable)")
     p.add_argument("--router-arg", action="append", help="extra argument for the router (repeatable)")
     p.add_argument("--demo", nargs="*", default=None, help="send these prompts, print the outputs, and stop")
@@ -138,6 +140,89 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_role(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("role", help="list workers' roles, or force a worker to switch role")
+    p.add_argument("--registry", default="grpc://127.0.0.1:50051", help="grpc://ROUTER or redis://host:port")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every registered worker with its role, epoch and load")
+    setter = actions.add_parser("set", help="switch a worker's role (drains it first)")
+    setter.add_argument("worker_id")
+    setter.add_argument("role", choices=["prefill", "decode", "mixed"])
+    setter.add_argument("--drain-timeout", type=float, default=30.0)
+
+    def run(args: argparse.Namespace) -> int:
+        import asyncio
+
+        return asyncio.run(_role_command(args))
+
+    p.set_defaults(func=run)
+
+
+async def _role_command(args: argparse.Namespace) -> int:
+    from cluster.planner import ROLE_NAMES, set_role
+    from cluster.registry import make_registry
+    from protos.pdserve.v1 import common_pb2, worker_pb2
+
+    registry = make_registry(args.registry)
+    try:
+        if args.action == "list":
+            for record in sorted(await registry.list_workers(), key=lambda r: r.info.worker_id):
+                info, load = record.info, record.load
+                state = common_pb2.WorkerState.Name(info.state).removeprefix("WORKER_STATE_")
+                print(
+                    f"{info.worker_id:<12} {ROLE_NAMES.get(info.role, '?'):<8} epoch {info.role_epoch:<3} {state:<9} "
+                    f"{info.host}:{info.grpc_port}  running {load.num_running_requests} waiting "
+                    f"{load.num_waiting_requests} KV {load.num_kv_blocks_used}/{load.num_kv_blocks_total}"
+                )
+            return 0
+        response = await set_role(registry, args.worker_id, args.role, args.drain_timeout)
+        result = worker_pb2.SetRoleResult.Name(response.result).removeprefix("SET_ROLE_RESULT_")
+        role = ROLE_NAMES[response.role]
+        print(f"{args.worker_id}: {result}: now {role} at epoch {response.role_epoch} {response.message}")
+        return 0 if response.result in (worker_pb2.SET_ROLE_RESULT_OK, worker_pb2.SET_ROLE_RESULT_NOOP) else 1
+    finally:
+        await registry.close()
+
+
+def _add_planner(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("planner", help="run the role planner: flip workers between prefill and decode")
+    p.add_argument("--registry", default="grpc://127.0.0.1:50051", help="grpc://ROUTER or redis://host:port")
+    p.add_argument("--window", type=float, default=1.0, help="seconds per load window")
+    p.add_argument("--sustain", type=int, default=3, help="windows of the same imbalance before a flip")
+    p.add_argument("--cooldown", type=float, default=10.0, help="seconds after a flip before the next")
+    p.add_argument("--prefill-queue-tokens-high", type=int, default=4096)
+    p.add_argument("--decode-seqs-high", type=int, default=48)
+    p.add_argument("--ttft-slo", type=float, default=1.0)
+    p.add_argument("--itl-slo", type=float, default=0.05)
+
+    def run(args: argparse.Namespace) -> int:
+        import asyncio
+        import logging
+
+        from cluster.planner import Planner, PlannerConfig
+        from cluster.registry import make_registry
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s planner: %(message)s")
+        config = PlannerConfig(
+            window_s=args.window,
+            sustain_windows=args.sustain,
+            cooldown_s=args.cooldown,
+            prefill_queue_tokens_high=args.prefill_queue_tokens_high,
+            decode_seqs_high=args.decode_seqs_high,
+            ttft_slo_s=args.ttft_slo,
+            itl_slo_s=args.itl_slo,
+        )
+
+        async def main() -> None:
+            await Planner(config).run(make_registry(args.registry))
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated serving for ERNIE-4.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_worker(sub)
     _add_router(sub)
+    _add_role(sub)
+    _add_planner(sub)
     return parser
 
 

@@ -52,17 +52,26 @@ async def wait_transfer(future: TransferFuture) -> TransferResult:
 
 
 class OutputQueue:
-    """A request's outputs, pushed on the engine thread and awaited on the asyncio loop."""
+    """A request's outputs, pushed on the engine thread and awaited on the asyncio loop.
+
+    `fail(error)` (loop thread) makes the next `get` raise `error`: how a role evicts a stream.
+    """
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
 
     def push(self, output: RequestOutput) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
 
+    def fail(self, error: Exception) -> None:
+        self._queue.put_nowait(error)
+
     async def get(self) -> RequestOutput:
-        return await self._queue.get()
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 def transfer_error_status(exc: KVTransferError) -> RoleError:

@@ -5,6 +5,14 @@ for the life of the process over the same engine, KV pool and transport, and the
 which RPCs are accepted. A request that names a role epoch other than ours is refused with
 FAILED_PRECONDITION so the router retries elsewhere.
 
+Switching roles (`SetRole`) is epoch-fenced; weights, KV pool and communicators stay resident:
+
+    READY ──SetRole──▶ DRAINING ──drained──▶ COMMITTING ──▶ READY (new role, epoch + 1, published)
+                          │  new requests refused (UNAVAILABLE: the router goes elsewhere)
+                          │  drain timeout: decode streams are evicted (the router continues them
+                          │  on another decode worker from the tokens so far), then a short wait
+                          └──still busy──▶ READY (old role and epoch: rolled back)
+
 On start the worker prints one line `READY {json}` (worker id, incarnation, addresses) on stdout:
 launchers read it to learn the ports the OS picked.
 """
@@ -97,6 +105,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.decode_role: DecodeRole | None = None
         self.prefill_role = PrefillRole(self.loop, self.transport)
         self.started_at = time.time()
+        self.heartbeater: Heartbeater | None = None
+        self._switching = asyncio.Lock()
+        self.num_role_switches = 0
 
     def bind(self, address: str) -> None:
         self.address = address
@@ -207,6 +218,74 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             timestamp_unix_ms=int(time.time() * 1000),
         )
 
+    async def SetRole(self, request, context):
+        target = request.target_role
+        if target not in ROLE_NAMES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown target role {target}")
+        respond = worker_pb2.SetRoleResponse
+        if request.expected_role_epoch and request.expected_role_epoch != self.role_epoch:
+            message = f"expected epoch {request.expected_role_epoch}, worker is at {self.role_epoch}"
+            return respond(
+                result=worker_pb2.SET_ROLE_RESULT_STALE_EPOCH,
+                role=self.role,
+                role_epoch=self.role_epoch,
+                message=message,
+            )
+        if target == self.role:
+            return respond(result=worker_pb2.SET_ROLE_RESULT_NOOP, role=self.role, role_epoch=self.role_epoch)
+        if self._switching.locked():
+            return respond(
+                result=worker_pb2.SET_ROLE_RESULT_BUSY, role=self.role, role_epoch=self.role_epoch, message="switching"
+            )
+        async with self._switching:
+            result, message = await self._switch(target, request.drain_timeout_seconds or 30.0, request.reason)
+        return respond(result=result, role=self.role, role_epoch=self.role_epoch, message=message)
+
+    async def _switch(self, target: int, drain_timeout_s: float, reason: str) -> tuple[int, str]:
+        old = ROLE_NAMES[self.role]
+        start = time.monotonic()
+        log.info("role switch %s -> %s requested (%s); draining", old, ROLE_NAMES[target], reason or "no reason given")
+        self.state = common_pb2.WORKER_STATE_DRAINING
+        await self.publish()
+        drained = await self._drain(drain_timeout_s)
+        if not drained and self.decode_role is not None:
+            evicted = self.decode_role.evict_all(f"worker {self.config.worker_id} is switching roles")
+            log.info("drain timeout: evicted %d decode streams for migration", evicted)
+            drained = await self._drain(5.0)
+        if not drained:
+            self.state = common_pb2.WORKER_STATE_READY
+            await self.publish()
+            log.warning("role switch %s -> %s rolled back: still busy", old, ROLE_NAMES[target])
+            return worker_pb2.SET_ROLE_RESULT_DRAIN_TIMEOUT, "work did not drain in time; role unchanged"
+        self.state = common_pb2.WORKER_STATE_COMMITTING
+        self.role = target
+        self.role_epoch += 1
+        self.state = common_pb2.WORKER_STATE_READY
+        self.num_role_switches += 1
+        await self.publish()
+        seconds = time.monotonic() - start
+        log.info(
+            "role switch %s -> %s committed at epoch %d in %.2f s", old, ROLE_NAMES[target], self.role_epoch, seconds
+        )
+        return worker_pb2.SET_ROLE_RESULT_OK, f"{old} -> {ROLE_NAMES[target]} in {seconds:.2f} s"
+
+    async def _drain(self, timeout_s: float) -> bool:
+        """Wait until nothing runs here: no engine request, no Prefill or Decode RPC in progress."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            num_engine = await on_engine(self.loop, lambda e: len(e.requests))
+            busy = num_engine + self.prefill_role.num_active + (self.decode_role.num_active if self.decode_role else 0)
+            if busy == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+
+    async def publish(self) -> None:
+        """Push the current role, epoch and state to the registry now (not at the next beat)."""
+        if self.heartbeater is not None:
+            await self.heartbeater.beat()
+
     async def KVHandshake(self, request, context):
         mine = self.transport.spec
         theirs = request.spec
@@ -270,6 +349,7 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
     heartbeater = None
     if config.registry:
         heartbeater = Heartbeater(make_registry(config.registry), service.registry_record, config.heartbeat_interval_s)
+        service.heartbeater = heartbeater
         await heartbeater.beat()
         heartbeater.start()
     print("READY " + json.dumps(ready), file=ready_out, flush=True)

@@ -60,6 +60,7 @@ class DecodeRole:
         self.self_ref = self_ref
         self.config = config or DecodeRoleConfig()
         self._peers: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerStub]] = {}
+        self._streams: dict[str, OutputQueue] = {}  # request id -> its output queue, while streaming
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
         self.num_transfer_failures = 0
@@ -87,6 +88,7 @@ class DecodeRole:
         queue = OutputQueue()
         finished = False
         prefill_call: asyncio.Task | None = None
+        self._streams[request.request_id] = queue
         try:
             if msg.HasField("prefill_peer"):
                 prefill_call, first = await self._remote_prefill(msg, request, queue)
@@ -99,8 +101,20 @@ class DecodeRole:
                 finished = output.finished
                 yield self._response(output)
         finally:
+            self._streams.pop(request.request_id, None)
             if not finished:
                 await self._abort(request, msg, prefill_call)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def evict_all(self, reason: str) -> int:
+        """End every stream here with UNAVAILABLE; the router continues each elsewhere from the
+        prompt plus the tokens it already streamed (no token lost or repeated)."""
+        for queue in self._streams.values():
+            queue.fail(RoleError(grpc.StatusCode.UNAVAILABLE, reason))
+        return len(self._streams)
 
     # ----------------------------------------------------------------------------- prefill paths
     async def _local_prefill(self, request: Request, queue: OutputQueue) -> worker_pb2.DecodeResponse:

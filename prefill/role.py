@@ -116,6 +116,10 @@ class PrefillRole:
         with contextlib.suppress(RuntimeError):
             await asyncio.shield(on_engine(self.loop, release))
 
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
     async def abort(self, request_id: str) -> bool:
         """Cancel the request's Prefill RPC; its cleanup frees the blocks. Idempotent."""
         entry = self._active.get(request_id)

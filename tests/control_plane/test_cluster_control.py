@@ -1,0 +1,157 @@
+"""Control plane with real processes: forced role flips under load, a killed decode worker,
+and a Redis restart — no request fails and every stream stays token-identical to one engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from cluster.planner import set_role
+from cluster.registry import make_registry
+from engine import LLM, SamplingParams
+from protos.pdserve.v1 import common_pb2, worker_pb2
+from router.client import AsyncClient
+from tests.integration.conftest import load_reports, start_cluster, wait_idle
+
+PROMPTS = [[(i * 53 + j * 17) % 280 + 5 for j in range(n)] for i, n in enumerate([6, 40, 19, 70, 3, 25, 51, 12])]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    llm = LLM(model="tiny", max_model_len=1024)
+    return {
+        max_tokens: [
+            list(o.token_ids)
+            for o in llm.generate(PROMPTS, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        ]
+        for max_tokens in (8, 300)
+    }
+
+
+async def steady_load(address: str, stop: asyncio.Event, max_tokens: int, concurrency: int = 6):
+    """Requests back to back until `stop`; returns (index, tokens) per completed request."""
+    results: list[tuple[int, list[int]]] = []
+
+    async def lane(lane_id: int) -> None:
+        async with AsyncClient(address, timeout=120) as client:
+            i = lane_id
+            while not stop.is_set():
+                prompt = PROMPTS[i % len(PROMPTS)]
+                out = await client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                results.append((i % len(PROMPTS), out.token_ids))
+                i += concurrency
+
+    await asyncio.gather(*(lane(k) for k in range(concurrency)))
+    return results
+
+
+def test_forced_flip_under_load_loses_nothing_and_bumps_the_epoch(expected):
+    cluster = start_cluster(1, 2)
+    try:
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(steady_load(cluster.address, stop, max_tokens=8))
+            registry = make_registry(cluster.registry_url)
+            await asyncio.sleep(1.0)
+            flip = await set_role(registry, "decode-2", "prefill", drain_timeout_s=20)
+            await asyncio.sleep(1.0)
+            back = await set_role(registry, "decode-2", "decode", drain_timeout_s=20)
+            await asyncio.sleep(1.0)
+            stop.set()
+            results = await load
+            await registry.close()
+            return flip, back, results
+
+        flip, back, results = asyncio.run(scenario())
+        assert flip.result == worker_pb2.SET_ROLE_RESULT_OK and flip.role == common_pb2.WORKER_ROLE_PREFILL
+        assert back.result == worker_pb2.SET_ROLE_RESULT_OK and back.role == common_pb2.WORKER_ROLE_DECODE
+        assert (flip.role_epoch, back.role_epoch) == (2, 3)
+        assert len(results) > 10
+        for index, tokens in results:
+            assert tokens == expected[8][index]
+        wait_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_killing_a_decode_worker_mid_stream_continues_every_stream_elsewhere(expected):
+    cluster = start_cluster(1, 2)
+    try:
+
+        async def scenario():
+            progress = [0] * 16
+            started = asyncio.Event()
+
+            async def one(client: AsyncClient, i: int) -> list[int]:
+                tokens: list[int] = []
+                finish = None
+                async for message in client.stream(PROMPTS[i % 8], max_tokens=300, temperature=0, ignore_eos=True):
+                    tokens.extend(message.token_ids)
+                    progress[i] = len(tokens)
+                    if min(progress) >= 5:
+                        started.set()
+                    finish = message.finish_reason or finish
+                assert finish == common_pb2.FINISH_REASON_LENGTH
+                return tokens
+
+            async with AsyncClient(cluster.address, timeout=300) as client:
+                jobs = [asyncio.create_task(one(client, i)) for i in range(16)]
+                await asyncio.wait_for(started.wait(), timeout=60)  # every stream is under way
+                victim = next(w for w in cluster.workers if w.name == "decode-1")
+                os.kill(victim.popen.pid, signal.SIGKILL)
+                return await asyncio.gather(*jobs)
+
+        results = asyncio.run(scenario())
+        for i, tokens in enumerate(results):
+            assert tokens == expected[300][i % 8], f"stream {i}: duplicated, missing or different tokens"
+        # The router saw streams fail on the dead worker and continued them (the log says so).
+        assert any("retrying" in line for line in cluster.router.tail), list(cluster.router.tail)
+        wait_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+def test_redis_restart_during_load_fails_no_request(redis_server, expected):
+    cluster = start_cluster(1, 1, registry=redis_server.url)
+    try:
+        assert len(load_reports(cluster)) == 2
+
+        async def scenario():
+            stop = asyncio.Event()
+            load = asyncio.create_task(steady_load(cluster.address, stop, max_tokens=8, concurrency=4))
+            await asyncio.sleep(1.0)
+            redis_server.kill()
+            await asyncio.sleep(2.0)  # routing on the last known membership
+            redis_server.start()
+            await asyncio.sleep(2.0)  # workers re-register with their next beats
+            stop.set()
+            return await load
+
+        results = asyncio.run(scenario())
+        assert any("registry unreachable" in line for line in cluster.router.tail), list(cluster.router.tail)
+        assert len(results) > 8
+        for index, tokens in results:
+            assert tokens == expected[8][index]
+        registry = make_registry(redis_server.url)
+        records = asyncio.run(_list(registry))
+        assert sorted(r.info.worker_id for r in records) == ["decode-1", "prefill-0"]
+        wait_idle(cluster)
+    finally:
+        cluster.stop()
+
+
+async def _list(registry):
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            records = await registry.list_workers()
+            if len(records) == 2 or time.monotonic() > deadline:
+                return records
+            await asyncio.sleep(0.1)
+    finally:
+        await registry.close()
