@@ -41,6 +41,10 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.num_steps = 0
         self.last_step_seconds = 0.0
+        # Made on the engine thread after every step or idle wait; readers (heartbeats) take the
+        # latest without waiting for the engine. Replaced whole, never mutated: safe to read.
+        self.snapshot_fn: Callable[[LLMEngine], object] | None = None
+        self.snapshot: object | None = None
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -73,6 +77,8 @@ class EngineLoop:
                 self._step()
             elif not busy:
                 self._wait_for_call()
+            if self.snapshot_fn is not None:
+                self.snapshot = self.snapshot_fn(self.engine)
 
     def _drain_calls(self) -> bool:
         ran = False

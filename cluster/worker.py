@@ -93,7 +93,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.role = ROLES[config.role]
         self.role_epoch = 1
         self.state = common_pb2.WORKER_STATE_READY
-        self.loop = EngineLoop(engine).start()
+        self.loop = EngineLoop(engine)
+        self.loop.snapshot_fn = self._snapshot
+        self.loop.start()
         self.transport = make_transport(
             config.kv_backend,
             kv=engine.kv_cache,
@@ -132,7 +134,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         )
 
     async def registry_record(self) -> registry_pb2.WorkerRecord:
-        load = await on_engine(self.loop, self._load_report)
+        # The engine thread's latest snapshot: a heartbeat never waits for a long step to end.
+        load = self.loop.snapshot or worker_pb2.LoadReport()
+        load.role, load.role_epoch, load.state = self.role, self.role_epoch, self.state
         return registry_pb2.WorkerRecord(info=self.info(), load=load, ttl_seconds=self.config.registry_ttl_s)
 
     def ref(self) -> common_pb2.WorkerRef:
@@ -196,6 +200,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _load_report(self, engine: LLMEngine) -> worker_pb2.LoadReport:
         # Cheap at our pool sizes, and a broken invariant should be loud: GetLoad then fails.
         engine.check_idle_invariants()
+        return self._snapshot(engine)
+
+    def _snapshot(self, engine: LLMEngine) -> worker_pb2.LoadReport:
         stats = engine.block_stats()
         scheduler = engine.scheduler
         now = time.monotonic()

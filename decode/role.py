@@ -186,6 +186,8 @@ class DecodeRole:
             logprobs_from_proto(response.first_token_logprobs) if response.HasField("first_token_logprobs") else None,
         )
 
+        num_blocks_received = len(request.block_ids) - num_hit_blocks  # before adopt: it may finish and free
+
         def adopt(engine) -> RequestOutput:
             self.loop.sinks[request.request_id] = queue.push
             return engine.adopt(request, token)
@@ -201,7 +203,7 @@ class DecodeRole:
                 prefill_seconds=response.prefill_seconds,
                 transfer=worker_pb2.KVTransferStats(
                     num_bytes=result.num_bytes,
-                    num_blocks=len(request.block_ids) - num_hit_blocks,
+                    num_blocks=num_blocks_received,
                     seconds=result.elapsed_s,
                 ),
             )

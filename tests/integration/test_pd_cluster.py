@@ -252,3 +252,12 @@ def test_decode_worker_receives_the_prompt_kv_and_skips_blocks_it_has_cached(clu
     assert info.transfer.num_blocks == 1 and info.transfer.num_bytes == block_bytes
     assert [t for r in warm for t in r.token_ids] == list(expected.token_ids)
     wait_idle(cluster_1p1d)
+
+
+def test_one_token_requests_finish_at_hand_off(cluster_1p1d, offline_tokens):
+    """max_tokens=1: the prefill worker's token is the whole answer; the decode side ends at once."""
+    with Client(cluster_1p1d.address, timeout=60) as client:
+        for i, prompt in enumerate(PROMPTS[:4]):
+            result = client.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True)
+            assert result.token_ids == offline_tokens[i][:1] and result.finish_reason == "length"
+    wait_idle(cluster_1p1d)
