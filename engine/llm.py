@@ -11,12 +11,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.llm_engine import InvalidRequestError, LLMEngine
 from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from engine.parallel import ExpertParallel
 
 Prompt = str | Sequence[int]
 
@@ -53,7 +57,8 @@ class _TextTracker:
 
 
 class LLM:
-    """Synchronous batch generation on one engine (CPU or one GPU)."""
+    """Synchronous batch generation on one engine (CPU or one GPU; or, with `expert_parallel`,
+    rank 0 of a group whose other ranks run `follower_loop(llm.engine.runner)`)."""
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
+        expert_parallel: ExpertParallel | None = None,
     ) -> None:
         self.engine = LLMEngine.from_model(
             model,
@@ -82,6 +88,7 @@ class LLM:
                 max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len,
             ),
+            expert_parallel=expert_parallel,
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from engine.model_runner import ModelRunner
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import RequestOutput, SampledToken, Scheduler
+
+if TYPE_CHECKING:
+    from engine.parallel import ExpertParallel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -44,9 +48,16 @@ class RuntimeInfo:
 
 
 class LLMEngine:
-    """Not thread-safe: one thread calls add_request / abort / step (roles funnel work to it)."""
+    """Not thread-safe: one thread calls add_request / abort / step (roles funnel work to it).
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    With `expert_parallel` every rank of the group builds an engine (collectively; the model holds
+    that rank's experts); rank 0 steps it, the others run `follower_loop(engine.runner)`
+    (see engine.parallel).
+    """
+
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel, expert_parallel: ExpertParallel | None = None
+    ) -> None:
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -54,6 +65,8 @@ class LLMEngine:
         device = torch.device(config.device)
         dtype = next(loaded.model.parameters()).dtype
         num_blocks = plan_num_blocks(model_cfg, config.cache, dtype, device)
+        if expert_parallel is not None:
+            num_blocks = expert_parallel.join_engine(loaded.model, num_blocks)
         spec = KVCacheSpec(
             num_layers=model_cfg.num_hidden_layers,
             num_blocks=num_blocks,
@@ -65,7 +78,9 @@ class LLMEngine:
         self.kv_cache = allocate_kv_cache(spec, device)
         self.block_manager = BlockManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
-        self.runner = ModelRunner(loaded.model, self.kv_cache, spec.block_size, seed=config.seed)
+        self.runner = ModelRunner(
+            loaded.model, self.kv_cache, spec.block_size, seed=config.seed, expert_parallel=expert_parallel
+        )
         self.runtime = RuntimeInfo(
             num_kv_blocks=num_blocks,
             block_size=spec.block_size,
@@ -88,8 +103,10 @@ class LLMEngine:
         seed: int = 0,
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
+        expert_parallel: ExpertParallel | None = None,
     ) -> LLMEngine:
-        loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+        expert_range = None if expert_parallel is None else expert_parallel.expert_range
+        loaded = load_model(model, device=device, dtype=dtype, seed=seed, expert_range=expert_range)
         config = EngineConfig(
             model=loaded.config,
             cache=cache or CacheConfig(),
@@ -97,7 +114,7 @@ class LLMEngine:
             device=device,
             seed=seed,
         )
-        return cls(config, loaded)
+        return cls(config, loaded, expert_parallel)
 
     # ----------------------------------------------------------------------------- requests
     def make_request(

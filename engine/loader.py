@@ -32,7 +32,7 @@ from engine.presets import PRESETS, init_random_weights, rng_device_type
 from engine.tokenizer import Tokenizer, TokenizerError
 from engine.weights import INDEX_FILE, ModelLoadError, load_checkpoint
 
-__all__ = ["LoadedModel", "ModelLoadError", "build_model", "load_model"]
+__all__ = ["LoadedModel", "ModelLoadError", "build_model", "load_config", "load_model"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -68,6 +68,23 @@ def load_model(
         return _load_preset(source, device, dtype, seed, expert_range)
     if Path(source).is_dir():
         return _load_folder(source, device, dtype, expert_range)
+    raise ModelLoadError(
+        f"model {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing model folder"
+    )
+
+
+def load_config(source: str, *, dtype: str | None = None) -> ModelConfig:
+    """The `ModelConfig` `load_model(source, dtype=dtype)` would build, without loading weights
+    (a worker sizes its expert-parallel group from it). Raises ModelLoadError like `load_model`."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    if source in PRESETS:
+        return replace(PRESETS[source], dtype=dtype or PRESETS[source].dtype)
+    if Path(source).is_dir():
+        try:
+            return ModelConfig.from_model_dir(source, dtype=dtype)
+        except ConfigError as exc:
+            raise ModelLoadError(f"cannot load model folder {source!r}: {exc}") from exc
     raise ModelLoadError(
         f"model {source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing model folder"
     )

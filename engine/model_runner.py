@@ -3,6 +3,18 @@
 SchedulerOutput ──▶ input_ids, positions, slot_mapping, block tables (AttentionMetadata)
                 ──▶ model.forward ──▶ logits of the rows that sample ──▶ sampler
                 ──▶ {request_id: SampledToken}
+
+Under expert parallelism (`engine.parallel`) the runner of rank 0 also broadcasts each step's
+inputs to the other ranks before its forward pass, and they run the same pass in `follower_loop`:
+
+    rank 0:     prepare ─▶ send_step ─▶ forward ─▶ logits, sample (rank 0 only)
+    rank 1..:   receive_step ─▶ forward                 (MoE layers all-reduce inside the forward)
+
+One step on the wire, over the EP group (int64 tensors on the group's device):
+
+    header   [op (1 = step, 0 = stop), T tokens, S sequences, max_blocks, R sampled rows, block_size]
+    payload  input_ids[T] | positions[T] | slot_mapping[T] | query_start_loc[S + 1] | seq_lens[S]
+             | block_tables[S * max_blocks] | sample_rows[R]
 """
 
 from __future__ import annotations
@@ -10,12 +22,19 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import AttentionMetadata
 from engine.sampler import SamplingRow, sample
 from engine.scheduler import SampledToken, SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.parallel import ExpertParallel
+
+_OP_STOP, _OP_STEP = 0, 1
+_HEADER_LEN = 6
 
 
 @dataclass(frozen=True)
@@ -28,9 +47,20 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Runs the model over the paged KV cache. Not thread-safe (the engine's step thread owns it)."""
+    """Runs the model over the paged KV cache. Not thread-safe (the engine's step thread owns it).
 
-    def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, seed: int = 0) -> None:
+    With `expert_parallel`, rank 0's `execute` mirrors each step to the other ranks, which run
+    `follower_loop(runner)` instead of `execute`; `stop_followers()` ends their loops.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        seed: int = 0,
+        expert_parallel: ExpertParallel | None = None,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -38,6 +68,12 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(seed)
         # Called after each forward pass with the step's inputs (the prefill role hooks KV sends here).
         self.after_forward: list[Callable[[StepInputs], None]] = []
+        if expert_parallel is not None and expert_parallel.device != self.device:
+            raise ValueError(
+                f"the expert-parallel group runs on {expert_parallel.device} but the KV cache is on {self.device}"
+            )
+        self.expert_parallel = expert_parallel
+        self.followers_stopped = False
 
     def prepare(self, output: SchedulerOutput) -> StepInputs:
         tokens: list[int] = []
@@ -89,6 +125,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> dict[str, SampledToken]:
         inputs = self.prepare(output)
+        if self.expert_parallel is not None:
+            self._send_step(inputs)
         hidden = self.model(inputs.input_ids, inputs.meta, self.kv_cache)
         for hook in self.after_forward:
             hook(inputs)
@@ -100,3 +138,65 @@ class ModelRunner:
             rid: SampledToken(tok, lp)
             for rid, tok, lp in zip(inputs.sample_request_ids, token_ids, logprobs, strict=True)
         }
+
+    def stop_followers(self) -> None:
+        """Rank 0: end every follower's `follower_loop` (idempotent). No step may run afterwards."""
+        ep = self._leader_group()
+        if not self.followers_stopped:
+            ep.broadcast(torch.tensor([_OP_STOP] + [0] * (_HEADER_LEN - 1), dtype=torch.long, device=ep.device))
+            self.followers_stopped = True
+
+    def _send_step(self, inputs: StepInputs) -> None:
+        ep = self._leader_group()
+        if self.followers_stopped:
+            raise RuntimeError("the followers were stopped; this expert-parallel runner cannot run more steps")
+        meta = inputs.meta
+        num_seqs, max_blocks = meta.block_tables.shape
+        header = [_OP_STEP, inputs.input_ids.numel(), num_seqs, max_blocks, inputs.sample_rows.numel(), meta.block_size]
+        lengths = torch.tensor(meta.query_start_loc + meta.seq_lens, dtype=torch.long, device=ep.device)
+        parts = (inputs.input_ids, meta.positions, meta.slot_mapping, lengths, meta.block_tables.flatten())
+        ep.broadcast(torch.tensor(header, dtype=torch.long, device=ep.device))
+        ep.broadcast(torch.cat([*parts, inputs.sample_rows]))
+
+    def _leader_group(self) -> ExpertParallel:
+        ep = self.expert_parallel
+        if ep is None or not ep.is_leader:
+            raise RuntimeError("only rank 0 of an expert-parallel group runs steps; other ranks run follower_loop")
+        return ep
+
+
+def receive_step(ep: ExpertParallel, block_size: int) -> StepInputs | None:
+    """A follower's side of `ModelRunner._send_step`: the next step's inputs, or None on stop."""
+    header = ep.broadcast(torch.empty(_HEADER_LEN, dtype=torch.long, device=ep.device))
+    op, num_tokens, num_seqs, max_blocks, num_rows, sent_block_size = header.tolist()
+    if op == _OP_STOP:
+        return None
+    if sent_block_size != block_size:
+        raise RuntimeError(f"rank 0 runs KV blocks of {sent_block_size} tokens, this rank {block_size}")
+    sizes = [num_tokens, num_tokens, num_tokens, 2 * num_seqs + 1, num_seqs * max_blocks, num_rows]
+    payload = ep.broadcast(torch.empty(sum(sizes), dtype=torch.long, device=ep.device))
+    input_ids, positions, slots, lengths, table, sample_rows = payload.split(sizes)
+    lengths = lengths.tolist()
+    meta = AttentionMetadata(
+        positions=positions,
+        slot_mapping=slots,
+        query_start_loc=lengths[: num_seqs + 1],
+        seq_lens=lengths[num_seqs + 1 :],
+        block_tables=table.view(num_seqs, max_blocks),
+        block_size=block_size,
+    )
+    return StepInputs(input_ids=input_ids, meta=meta, sample_rows=sample_rows, sample_request_ids=(), sampling=())
+
+
+@torch.inference_mode()
+def follower_loop(runner: ModelRunner) -> int:
+    """Ranks 1..N-1 of an expert-parallel group: run each step rank 0 broadcasts, until it stops
+    the followers. Returns the number of steps run. Nothing is sampled here (rank 0 samples)."""
+    ep = runner.expert_parallel
+    if ep is None or ep.is_leader:
+        raise RuntimeError("follower_loop runs on ranks 1..N-1 of an expert-parallel group")
+    num_steps = 0
+    while (inputs := receive_step(ep, runner.block_size)) is not None:
+        runner.model(inputs.input_ids, inputs.meta, runner.kv_cache)
+        num_steps += 1
+    return num_steps

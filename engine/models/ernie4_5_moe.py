@@ -11,7 +11,10 @@ the layout follows the engine's needs:
 * the router weight and `e_score_correction_bias` stay float32 whatever the model dtype
   (transformers keeps them in fp32 too);
 * attention, KV writes, routing and the expert computation are called through one function
-  attribute each (`ModelBackends`), so kernels can be swapped in without touching this file.
+  attribute each (`ModelBackends`), so kernels can be swapped in without touching this file;
+* under expert parallelism each MoE layer's whole output comes from one `MoECombine` function
+  (`SparseMoE.combine`, set by `engine.parallel.ExpertParallel.attach`), which moves tokens to the
+  ranks that hold their experts and sums the partial results; this file knows no process group.
 
 Parameters are allocated uninitialised (`torch.empty`) with torch's current default dtype and
 device; fill them with `engine.weights.load_checkpoint` or `engine.presets.init_random_weights`.
@@ -49,6 +52,8 @@ RouteFn = Callable[..., tuple[Tensor, Tensor]]  # route_ref's signature
 ExpertsFn = Callable[..., Tensor]  # fused_moe_ref's signature; expert_offset is passed by keyword
 AttentionFn = Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]  # paged_attention_ref's
 WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor], None]  # write_kv's
+# (moe, x [T, H]) -> the whole MoE layer's output [T, H] for x's tokens, summed over every rank's experts
+MoECombine = Callable[["SparseMoE", Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,9 @@ class SparseMoE(nn.Module):
 
     Holds experts `[expert_offset, expert_offset + num_local_experts)` only; the router always
     sees all experts. With fewer than all experts local, `routed(x)` is this rank's partial sum;
-    expert parallelism sums `routed` over ranks and adds `shared_experts(x)` once (`forward`
-    adds the shared experts on every rank, so it is only the whole answer with all experts local).
+    expert parallelism sums `routed` over ranks and adds `shared_experts(x)` once. That is what
+    `combine` does when set (`engine.parallel`); without it `forward` is `routed + shared`, the
+    whole answer only when all experts are local.
     """
 
     def __init__(
@@ -183,8 +189,11 @@ class SparseMoE(nn.Module):
         )
         self.route_fn = backends.route
         self.experts_fn = backends.experts
+        self.combine: MoECombine | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.combine is not None:
+            return self.combine(self, x)
         out = self.routed(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -192,9 +201,14 @@ class SparseMoE(nn.Module):
 
     def routed(self, x: Tensor) -> Tensor:
         """Weighted sum over each token's top-k experts that this module holds. [T, H] -> [T, H]."""
-        topk_weights, topk_ids = self.route_fn(
-            x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
-        )
+        return self.experts(x, *self.route(x))
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(topk_weights [T, k] in x's dtype, topk_ids [T, k] global expert ids) over all experts."""
+        return self.route_fn(x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min)
+
+    def experts(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
+        """Weighted sum over the (token, slot) pairs whose expert this module holds; others add nothing."""
         return self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, expert_offset=self.expert_offset)
 
 
@@ -304,6 +318,11 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
     def moe_layers(self) -> list[SparseMoE]:
         """The MoE modules, in layer order."""
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def set_moe_combine(self, combine: MoECombine | None) -> None:
+        """Route every MoE layer through `combine` (expert parallelism), or back to local-only with None."""
+        for moe in self.moe_layers():
+            moe.combine = combine
 
     def set_backends(self, backends: ModelBackends) -> None:
         """Point every layer at new compute functions (e.g. the Triton kernels once loaded)."""
