@@ -1,0 +1,651 @@
+"""Per-pair worker threads: `SendPair` (this worker sends to a peer) and `RecvPair` (receives from one).
+
+A pair owns one peer incarnation, one thread, at most one live process-group generation, its
+own store connections, double-buffered staging and (on GPU) its own transfer stream. Nothing is
+shared between pairs, so one pair's failure cannot stall another. The wire protocol is in
+`protocol.py`; the transfer state machine in `transfer.py`.
+
+Pipelining (both sides, two staging buffers, chunk i uses buffer i % 2):
+
+    sender   gather0 send0 | gather1 send1 | [send0 done] gather2 send2 | ...
+    receiver recv0 recv1   | [recv0 done] scatter0 recv2 | [recv1 done] scatter1 recv3 | ...
+
+On GPU every step is enqueued on the pair's stream (c10d runs NCCL on its own stream, ordered
+after ours at each call), so gathers and scatters overlap the wire. A receiver issues a scatter
+only after the host has seen its recv complete, so an issued scatter never waits on the network
+(what makes `cancel()` safe to return at once; see `transfer.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from cluster.kv_transport import kv_io
+from cluster.kv_transport.api import FailureReason, KVSpec, PeerRef, TransportConfig
+from cluster.kv_transport.backends import CommError, CommOps
+from cluster.kv_transport.protocol import (
+    CTL_KEY,
+    GEN_KEY,
+    HELLO_KEY,
+    PROBE_MAGIC,
+    End,
+    Header,
+    Hello,
+    Message,
+    Open,
+    Wake,
+    check_header,
+    dead_key,
+    decode,
+    encode,
+    group_prefix,
+    pair_prefix,
+)
+from cluster.kv_transport.transfer import State, Transfer
+
+log = logging.getLogger(__name__)
+
+_IDLE_POP_S = 60.0  # an idle receiver re-arms its blocking pop this often (each timeout logs a line)
+# After this much idleness a sender asks the receiver's store whether it dropped the group (one
+# round trip). A drop while idle is rare (the receiver failed on its own); if missed, one transfer
+# fails retryably and the pair rebuilds.
+_RECHECK_IDLE_S = 5.0
+_TAG_LIMIT = 1 << 30
+
+
+class PairHost(Protocol):
+    """What a pair needs from its transport."""
+
+    ops: CommOps
+    config: TransportConfig
+    spec: KVSpec
+    rows: torch.Tensor
+    local: PeerRef
+
+    def new_store_client(self) -> dist.Store: ...
+
+    def push_control(self, prefix: str, raw: bytes) -> None: ...
+
+    def note_group(self, built: bool) -> None: ...
+
+    def note_orphan(self, transfer_id: str) -> None: ...
+
+
+def _store_error_text(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+
+
+class Pair:
+    """Shared machinery: the thread, the live group generation, dropping and aborting groups."""
+
+    role = ""
+
+    def __init__(self, host: PairHost, peer: PeerRef) -> None:
+        self.host = host
+        self.peer = peer
+        self.closed = False
+        self.group: Any = None
+        self.gen = 0
+        self.seq = 0
+        self._pair_store: dist.Store | None = None
+        self._staging: kv_io.StagingBuffers | None = None
+        self.thread = threading.Thread(target=self._main, name=f"kvt-{self.role}-{peer.worker_id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            self.host.ops.thread_setup()
+            self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device)
+            self._run()
+        except Exception:  # a bug here must not kill the worker; transfers fail by deadline
+            log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)
+        finally:
+            self._drop_group("pair closed")
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ groups
+    def _is_dead(self) -> bool:
+        """Has the peer dropped our generation? (An unreachable store counts as dropped.)"""
+        try:
+            return self._pair_store is not None and self._pair_store.check([dead_key(self.gen)])
+        except Exception:
+            return True
+
+    def _mark_dead(self, gen: int, why: str) -> None:
+        try:
+            if self._pair_store is not None:
+                self._pair_store.set(dead_key(gen), why[:200])
+        except Exception:
+            pass  # the peer (or its store) is gone; it will notice on its own
+
+    def _drop_group(self, why: str) -> None:
+        group, gen = self.group, self.gen
+        if group is None:
+            return
+        self.group = None
+        log.info("KV transport: dropping %s group g%d with %s: %s", self.role, gen, self.peer.name, why)
+        self._mark_dead(gen, why)
+        abort_group_async(self.host.ops, group)
+        self.host.note_group(built=False)
+
+    @staticmethod
+    def _group_store(store: dist.Store, prefix: str, gen: int) -> dist.Store:
+        """The generation's rendezvous namespace, on a connection of its own (c10d may use it from its threads)."""
+        return dist.PrefixStore(f"{prefix}/{group_prefix(gen)}", store.clone())
+
+    def _chunks(self, num_blocks: int) -> list[tuple[int, int]]:
+        bytes_per_layer = num_blocks * self.host.spec.bytes_per_block_layer
+        return kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, self.host.config.chunk_bytes)
+
+    def _buffers(self, chunks: list[tuple[int, int]], num_blocks: int) -> list[torch.Tensor]:
+        assert self._staging is not None
+        words = max(kv_io.chunk_words(self.host.rows, c, num_blocks) for c in chunks)
+        return self._staging.reserve(words)
+
+    def _view(self, buffers: list[torch.Tensor], index: int, chunk: tuple[int, int], num_blocks: int) -> torch.Tensor:
+        return kv_io.staging_view(buffers[index % 2], self.host.rows, chunk, num_blocks)
+
+
+def abort_group_async(ops: CommOps, group: Any) -> None:
+    """Abort a group off the calling thread (an abort may block inside the library)."""
+
+    def run() -> None:
+        try:
+            ops.abort(group)
+        except Exception as exc:
+            log.warning("KV transport: aborting a group raised %s", exc)
+
+    threading.Thread(target=run, name="kvt-abort", daemon=True).start()
+
+
+@dataclass
+class _Posted:
+    """One posted send; `done` once the host saw it complete (a gloo work may be waited only once)."""
+
+    work: Any
+    done: bool = False
+
+
+class SendPair(Pair):
+    """Sends this worker's transfers to one receiver incarnation, in FIFO order. Rank 1.
+
+    Where completions can be polled (NCCL), the thread starts the next transfer while the last
+    one's sends are still on the wire, and resolves futures as their sends complete (`_inflight`).
+    """
+
+    role = "send"
+
+    def __init__(self, host: PairHost, peer: PeerRef) -> None:
+        super().__init__(host, peer)
+        self._cv = threading.Condition()
+        self._queue: deque[Transfer] = deque()
+        self._current: Transfer | None = None
+        self._inflight: deque[tuple[Transfer, list[_Posted]]] = deque()  # all sent, not yet seen complete
+        self._num_posted = 0  # chunks posted on this group: chunk k goes out of staging buffer k % 2
+        self._last_post: list[_Posted | None] = [None, None]
+        self._store: dist.Store | None = None
+        self._last_use = 0.0
+        self.mismatch: str | None = None  # handshake failed: every transfer fails at once
+
+    def submit(self, transfer: Transfer) -> None:
+        with self._cv:
+            if self.closed or self.mismatch is not None:
+                reason = FailureReason.HANDSHAKE_MISMATCH if self.mismatch else FailureReason.ABORTED
+                detail = self.mismatch or "pair closed"
+            else:
+                self._queue.append(transfer)
+                self._cv.notify()
+                return
+        transfer.fail(reason, detail)
+
+    def close(self, reason: FailureReason, detail: str) -> None:
+        """Fail every queued and in-flight transfer with `reason`; the thread exits (any thread)."""
+        with self._cv:
+            self.closed = True
+            victims = [*self._queue, *([self._current] if self._current else []), *(t for t, _ in self._inflight)]
+            self._queue.clear()
+            group = self.group
+            self._cv.notify_all()
+        for transfer in victims:
+            transfer.fail(reason, detail)
+        if group is not None:
+            abort_group_async(self.host.ops, group)
+
+    def _next(self) -> Transfer | None:
+        while True:
+            with self._cv:
+                while self._queue and self._queue[0].is_final:
+                    self._queue.popleft()
+                if self.closed:
+                    return None
+                if self._queue:
+                    self._current = self._queue.popleft()
+                    return self._current
+                if not self._inflight:
+                    self._cv.wait()
+                    continue
+            self._reap_or_fail(block=True)  # nothing new to send: see the last transfers through
+
+    def _run(self) -> None:
+        while (transfer := self._next()) is not None:
+            try:
+                self._ensure_group(transfer)
+                self._send(transfer)
+                self._reap(block=not self.host.ops.can_poll)
+            except CommError as exc:
+                self._fail_group(exc, transfer)
+            except Exception as exc:
+                log.exception("KV transport: sending %s to %s failed", transfer.transfer_id, self.peer.name)
+                self._fail_group(CommError(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}"), transfer)
+            finally:
+                with self._cv:
+                    self._current = None
+
+    def _fail_group(self, exc: CommError, transfer: Transfer | None) -> None:
+        """The group is unusable: fail what is on it, drop it (and the store link), maybe close."""
+        with self._cv:
+            victims = [t for t, _ in self._inflight] + ([transfer] if transfer is not None else [])
+            self._inflight.clear()
+        for victim in victims:
+            victim.fail(exc.reason, exc.detail)
+        self._drop_group(exc.detail)
+        self._drop_store()
+        if exc.reason in (FailureReason.HANDSHAKE_MISMATCH, FailureReason.PEER_RESTARTED):
+            # The peer at this address will never take our transfers: fail the rest now.
+            with self._cv:
+                self.mismatch = exc.detail if exc.reason is FailureReason.HANDSHAKE_MISMATCH else None
+            self.close(exc.reason, exc.detail)
+
+    def _reap_or_fail(self, block: bool) -> None:
+        try:
+            self._reap(block)
+        except CommError as exc:
+            self._fail_group(exc, None)
+
+    def _reap(self, block: bool) -> None:
+        """Resolve in-flight transfers whose sends completed, oldest first (wait for them if `block`)."""
+        ops = self.host.ops
+        while self._inflight:
+            transfer, posts = self._inflight[0]
+            for post in posts:
+                if post.done:
+                    continue
+                if not block and not ops.poll(post.work):
+                    return
+                ops.wait(post.work, transfer.deadline, self._is_dead)
+                post.done = True
+            with self._cv:
+                self._inflight.popleft()
+            self._last_use = time.monotonic()
+            transfer.complete()
+
+    # ------------------------------------------------------------------ rendezvous
+    def _connect_store(self, deadline: float) -> dist.Store:
+        if self._store is None:
+            timeout = datetime.timedelta(seconds=max(0.05, deadline - time.monotonic()))
+            try:
+                store = dist.TCPStore(self.peer.host, self.peer.port, None, False, timeout, wait_for_workers=False)
+            except Exception as exc:
+                text = _store_error_text(exc)
+                raise CommError(
+                    FailureReason.PEER_GONE, f"cannot reach {self.peer.host}:{self.peer.port}: {text}"
+                ) from exc
+            self._store = store
+            self._pair_store = dist.PrefixStore(pair_prefix(self.host.local, self.peer), store)
+        self._store.set_timeout(datetime.timedelta(seconds=self.host.config.connect_timeout_s))
+        return self._store
+
+    def _drop_store(self) -> None:
+        self._store = None
+        self._pair_store = None
+
+    def _ensure_group(self, transfer: Transfer) -> None:
+        if self.group is not None:
+            idle = time.monotonic() - self._last_use > _RECHECK_IDLE_S
+            if not (idle and self._is_dead()):
+                return
+            self._drop_group("the receiver dropped it while idle")
+        deadline = min(transfer.deadline, time.monotonic() + self.host.config.connect_timeout_s)
+        store = self._connect_store(deadline)
+        assert self._pair_store is not None
+        try:
+            hello = Hello.decode(store.get(HELLO_KEY))
+        except Exception as exc:
+            raise CommError(
+                FailureReason.PEER_GONE, f"no hello from {self.peer.name}: {_store_error_text(exc)}"
+            ) from exc
+        if hello.worker_id != self.peer.worker_id:
+            raise CommError(FailureReason.PEER_GONE, f"{self.peer.host}:{self.peer.port} now serves {hello.worker_id}")
+        if hello.incarnation != self.peer.incarnation:
+            raise CommError(
+                FailureReason.PEER_RESTARTED,
+                f"{self.peer.worker_id} restarted: incarnation {hello.incarnation}, not {self.peer.incarnation}",
+            )
+        local = self.host.local
+        problems = self.host.spec.mismatches(hello.spec)
+        if problems:
+            # Generation 0 carries no group: it only lets the receiver fail its expects at once.
+            self._push(Open(0, local.worker_id, local.incarnation, self.host.spec))
+            raise CommError(FailureReason.HANDSHAKE_MISMATCH, "; ".join(problems))
+        try:
+            gen = self._pair_store.add(GEN_KEY, 1)
+            self._pair_store.queue_push(CTL_KEY, encode(Open(gen, local.worker_id, local.incarnation, self.host.spec)))
+            group_store = self._group_store(self._store, pair_prefix(local, self.peer), gen)
+        except Exception as exc:
+            raise CommError(FailureReason.PEER_GONE, f"store of {self.peer.name}: {_store_error_text(exc)}") from exc
+        self.gen = gen
+        try:
+            group = self.host.ops.create_group(group_store, 1, max(0.05, deadline - time.monotonic()))
+        except Exception as exc:
+            self._mark_dead(gen, "sender could not build the group")
+            raise CommError(
+                FailureReason.TIMEOUT, f"group g{gen} with {self.peer.name}: {_store_error_text(exc)}"
+            ) from exc
+        probe = torch.tensor([PROBE_MAGIC, gen], dtype=torch.int64, device=self.host.rows.device)
+        self.group, self.seq = group, 0
+        self._num_posted, self._last_post = 0, [None, None]
+        self.host.note_group(built=True)
+        self.host.ops.wait(self.host.ops.send(group, probe, 0), deadline, self._is_dead)
+        self._last_use = time.monotonic()
+        log.info("KV transport: send group g%d with %s is up", gen, self.peer.name)
+
+    # ------------------------------------------------------------------ one transfer
+    def _send(self, transfer: Transfer) -> None:
+        """Post every chunk of `transfer` (gathering each as its layers are ready); `_reap` completes it."""
+        ops, rows, group = self.host.ops, self.host.rows, self.group
+        num_blocks = len(transfer.block_ids)
+        chunks = self._chunks(num_blocks)
+        if not transfer.activate():
+            return  # cancelled or expired while queued
+        with transfer.lock:
+            transfer.abort_group = lambda: abort_group_async(ops, group)
+        seq, self.seq = self.seq, self.seq + 1
+        tag = 1 + seq % _TAG_LIMIT
+        header = Header(
+            gen=self.gen,
+            seq=seq,
+            transfer_id=transfer.transfer_id,
+            num_layers=self.host.spec.num_layers,
+            num_tokens=transfer.num_tokens,
+            num_blocks=num_blocks,
+            dtype=self.host.spec.dtype,
+            block_size=self.host.spec.block_size,
+            layout=self.host.spec.layout,
+            chunks=tuple(chunks),
+            deadline_s=max(0.0, transfer.deadline - time.monotonic()),
+        )
+        self._push(header)
+        index = ops.index_tensor(transfer.block_ids)
+        buffers = self._reserve(chunks, num_blocks)
+        posts: list[_Posted] = []
+        all_gathered = True
+        for i, chunk in enumerate(chunks):
+            events = self._wait_layers(transfer, chunk)
+            slot = self._num_posted % 2
+            view = kv_io.staging_view(buffers[slot], rows, chunk, num_blocks)
+            previous = self._last_post[slot]
+            if previous is not None and not previous.done:
+                previous.done = ops.wait_for_reuse(previous.work, transfer.deadline, self._is_dead)
+            with transfer.lock:
+                gathered = transfer.state is State.ACTIVE and events is not None
+                if gathered:
+                    ops.wait_events(events)
+                    kv_io.gather(rows, chunk, index, view)
+                    transfer.last_event = ops.record()
+            all_gathered &= gathered  # after a cancel the rest is filler; End(ok=False) says so
+            if i == len(chunks) - 1:
+                self._push(End(self.gen, seq, all_gathered))
+            post = _Posted(ops.send(group, view, tag))
+            self._last_post[slot] = post
+            self._num_posted += 1
+            posts.append(post)
+            transfer.future.num_layers_done = chunk[1]
+        with self._cv:
+            self._inflight.append((transfer, posts))
+
+    def _wait_layers(self, transfer: Transfer, chunk: tuple[int, int]) -> list[Any] | None:
+        """The chunk's layer events once ready (None: cancelled), resolving earlier transfers meanwhile."""
+        while True:
+            tick = time.monotonic() + (0.001 if self._inflight else 1.0)
+            events = transfer.wait_layers(chunk[0], chunk[1], min(transfer.deadline, tick))
+            if events is not None or transfer.is_final:
+                return events
+            if time.monotonic() >= transfer.deadline:
+                raise CommError(FailureReason.TIMEOUT, f"layers {chunk[0]}..{chunk[1] - 1} not ready by the deadline")
+            self._reap(block=False)
+
+    def _reserve(self, chunks: list[tuple[int, int]], num_blocks: int) -> list[torch.Tensor]:
+        assert self._staging is not None
+        words = max(kv_io.chunk_words(self.host.rows, c, num_blocks) for c in chunks)
+        if self._staging.num_words < words:
+            self._reap(block=True)  # nothing in flight may still read the buffers being replaced
+            self._last_post = [None, None]
+        return self._staging.reserve(words)
+
+    def _push(self, message: Message) -> None:
+        assert self._pair_store is not None
+        try:
+            self._pair_store.queue_push(CTL_KEY, encode(message))
+        except Exception as exc:
+            raise CommError(FailureReason.PEER_GONE, f"store of {self.peer.name}: {_store_error_text(exc)}") from exc
+
+
+class RecvPair(Pair):
+    """Receives one sender incarnation's transfers into the blocks its `expect`s name. Rank 0."""
+
+    role = "recv"
+
+    def __init__(self, host: PairHost, peer: PeerRef) -> None:
+        super().__init__(host, peer)
+        self.prefix = pair_prefix(peer, host.local)
+        self._lock = threading.Lock()
+        self._expects: dict[str, Transfer] = {}
+        self._store: dist.Store | None = None
+        self._pushed_back: Message | None = None
+        self.mismatch: str | None = None
+
+    def post(self, transfer: Transfer) -> None:
+        with self._lock:
+            failure = None
+            if self.closed:
+                failure = (FailureReason.ABORTED, "pair closed")
+            elif self.mismatch is not None:
+                failure = (FailureReason.HANDSHAKE_MISMATCH, self.mismatch)
+            else:
+                self._expects = {tid: t for tid, t in self._expects.items() if not t.is_final}
+                self._expects[transfer.transfer_id] = transfer
+        if failure is not None:
+            transfer.fail(*failure)
+
+    def close(self, reason: FailureReason, detail: str) -> None:
+        with self._lock:
+            self.closed = True
+            victims = list(self._expects.values())
+            self._expects.clear()
+            group = self.group
+        for transfer in victims:
+            transfer.fail(reason, detail)
+        if group is not None:
+            abort_group_async(self.host.ops, group)
+        with contextlib.suppress(Exception):  # our own store is going away too
+            self.host.push_control(self.prefix, encode(Wake()))
+
+    def _take(self, transfer_id: str) -> Transfer | None:
+        with self._lock:
+            transfer = self._expects.pop(transfer_id, None)
+        return transfer if transfer is not None and not transfer.is_final else None
+
+    def _fail_all(self, reason: FailureReason, detail: str) -> None:
+        with self._lock:
+            victims = list(self._expects.values())
+            self._expects.clear()
+        for transfer in victims:
+            transfer.fail(reason, detail)
+
+    # ------------------------------------------------------------------ control loop
+    def _run(self) -> None:
+        self._store = self.host.new_store_client()
+        self._pair_store = dist.PrefixStore(self.prefix, self._store)
+        while not self.closed:
+            message = self._next_message(_IDLE_POP_S)
+            if message is None or isinstance(message, Wake | End):
+                continue  # an End here belongs to a transfer that already failed
+            try:
+                if isinstance(message, Open):
+                    self._open(message)
+                elif isinstance(message, Header):
+                    self._receive(message)
+            except CommError as exc:
+                self._drop_group(exc.detail)
+            except Exception as exc:
+                log.exception("KV transport: receiving from %s failed", self.peer.name)
+                self._drop_group(repr(exc))
+
+    def _next_message(self, timeout_s: float) -> Message | None:
+        if self._pushed_back is not None:
+            message, self._pushed_back = self._pushed_back, None
+            return message
+        assert self._store is not None and self._pair_store is not None
+        self._store.set_timeout(datetime.timedelta(seconds=max(0.01, timeout_s)))
+        try:
+            raw = self._pair_store.queue_pop(CTL_KEY)
+        except Exception as exc:  # a timeout, or our own store going away at close
+            if "timeout" not in str(exc).lower():
+                time.sleep(0.05)
+            return None
+        try:
+            return decode(raw)
+        except ValueError as exc:
+            log.error("KV transport: dropping a control message from %s: %s", self.peer.name, exc)
+            return None
+
+    def _open(self, message: Open) -> None:
+        assert self._pair_store is not None
+        problems = self.host.spec.mismatches(message.spec)
+        if problems:
+            detail = "; ".join(problems)
+            with self._lock:
+                self.mismatch = detail
+            if message.gen > 0:
+                self._mark_dead(message.gen, "handshake mismatch")
+            self._fail_all(FailureReason.HANDSHAKE_MISMATCH, detail)
+            return
+        latest = self._pair_store.add(GEN_KEY, 0)
+        if message.gen == 0 or message.gen < latest or self._pair_store.check([dead_key(message.gen)]):
+            return  # a handshake-only message, or the sender already gave up on this generation
+        self._drop_group(f"superseded by g{message.gen}")
+        self.gen = message.gen
+        deadline = time.monotonic() + self.host.config.connect_timeout_s
+        assert self._store is not None
+        group_store = self._group_store(self._store, self.prefix, message.gen)
+        try:
+            group = self.host.ops.create_group(group_store, 0, self.host.config.connect_timeout_s)
+        except Exception as exc:
+            self._mark_dead(message.gen, "receiver could not join")
+            log.warning("KV transport: joining g%d from %s failed: %s", message.gen, self.peer.name, exc)
+            return
+        self.group, self.seq = group, 0
+        self.host.note_group(built=True)
+        probe = torch.zeros(2, dtype=torch.int64, device=self.host.rows.device)
+        self.host.ops.wait(self.host.ops.recv(group, probe, 0), deadline, self._is_dead)
+        if probe.tolist() != [PROBE_MAGIC, message.gen]:
+            raise CommError(FailureReason.PROTOCOL_ERROR, f"connect probe {probe.tolist()} for g{message.gen}")
+        log.info("KV transport: recv group g%d with %s is up", message.gen, self.peer.name)
+
+    # ------------------------------------------------------------------ one transfer
+    def _receive(self, header: Header) -> None:
+        if self.group is None or header.gen != self.gen:
+            stale = self._take(header.transfer_id)
+            if stale is not None:
+                stale.fail(FailureReason.PEER_GONE, f"the group carrying it (g{header.gen}) was reset")
+            return
+        transfer = self._take(header.transfer_id)
+        if header.seq != self.seq:
+            detail = f"header seq {header.seq}, expected {self.seq} in g{self.gen}"
+            if transfer is not None:
+                transfer.fail(FailureReason.PROTOCOL_ERROR, detail)
+            raise CommError(FailureReason.PROTOCOL_ERROR, detail)
+        self.seq += 1
+        problems = check_header(header, self.host.spec)
+        if problems:
+            if transfer is not None:
+                transfer.fail(FailureReason.PROTOCOL_ERROR, "; ".join(problems))
+            raise CommError(FailureReason.PROTOCOL_ERROR, "; ".join(problems))
+        if transfer is None:
+            self.host.note_orphan(header.transfer_id)
+        elif transfer.num_tokens != header.num_tokens or len(transfer.block_ids) != header.num_blocks:
+            transfer.fail(
+                FailureReason.PROTOCOL_ERROR,
+                f"sender has {header.num_tokens} tokens in {header.num_blocks} blocks, expected "
+                f"{transfer.num_tokens} in {len(transfer.block_ids)}",
+            )
+            transfer = None
+        elif not transfer.activate(time.monotonic() + header.deadline_s):
+            transfer = None
+        try:
+            self._receive_payload(header, transfer)
+        except CommError as exc:
+            if transfer is not None:
+                transfer.fail(exc.reason, exc.detail)
+            raise
+
+    def _receive_payload(self, header: Header, transfer: Transfer | None) -> None:
+        """Receive every chunk (into staging, then the blocks unless `transfer` is None or failed)."""
+        ops, rows, group = self.host.ops, self.host.rows, self.group
+        chunks, num_blocks = list(header.chunks), header.num_blocks
+        deadline = transfer.deadline if transfer is not None else time.monotonic() + header.deadline_s
+        if transfer is not None:
+            with transfer.lock:
+                transfer.abort_group = lambda: abort_group_async(ops, group)
+        buffers = self._buffers(chunks, num_blocks)
+        tag = 1 + header.seq % _TAG_LIMIT
+        works: dict[int, Any] = {}
+        for i in range(min(2, len(chunks))):  # first, so the sender is never kept waiting
+            works[i] = ops.recv(group, self._view(buffers, i, chunks[i], num_blocks), tag)
+        index = ops.index_tensor(transfer.block_ids) if transfer is not None else None
+        end_ok = True
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            if last:
+                end_ok = self._wait_end(header, deadline)
+            ops.wait(works.pop(i), deadline, self._is_dead)
+            if transfer is not None:
+                with transfer.lock:
+                    if transfer.state is State.ACTIVE and (end_ok or not last):
+                        kv_io.scatter(rows, chunk, index, self._view(buffers, i, chunk, num_blocks))
+                        transfer.last_event = ops.record()
+                transfer.future.num_layers_done = chunk[1]
+            if i + 2 < len(chunks):
+                works[i + 2] = ops.recv(group, self._view(buffers, i + 2, chunks[i + 2], num_blocks), tag)
+        if transfer is None:
+            return
+        if not end_ok:
+            transfer.fail(FailureReason.ABORTED, "the sender cancelled the transfer")
+            return
+        with transfer.lock:
+            last_event = transfer.last_event
+        ops.synchronize(last_event)
+        transfer.complete()
+
+    def _wait_end(self, header: Header, deadline: float) -> bool:
+        message = self._next_message(deadline - time.monotonic())
+        if isinstance(message, End) and (message.gen, message.seq) == (header.gen, header.seq):
+            return message.ok
+        if message is None:
+            raise CommError(FailureReason.TIMEOUT, f"no end marker for {header.transfer_id} by the deadline")
+        self._pushed_back = message  # e.g. the sender reset the pair and opened a new generation
+        raise CommError(FailureReason.PEER_GONE, f"the sender moved on before finishing {header.transfer_id}")

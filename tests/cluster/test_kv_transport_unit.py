@@ -1,0 +1,255 @@
+"""KV transport pieces in one process: gather/scatter, chunk plans, messages, futures, the fake
+transport, and two gloo transports talking over loopback (protocol edge cases)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+import torch
+
+from cluster.kv_transport import (
+    FailureReason,
+    KVSpec,
+    KVTransferError,
+    PeerRef,
+    TransportConfig,
+    kv_io,
+    make_transport,
+    protocol,
+)
+from cluster.kv_transport.api import TransferFuture, TransferResult, validate_blocks
+from cluster.kv_transport.fake import FakeHub
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cache(seed: int, dtype: torch.dtype = torch.bfloat16, shape=(4, 2, 32, 4, 2, 8)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---------------------------------------------------------------------------------- kv_io
+@pytest.mark.parametrize(
+    ("dtype", "shape", "word"),
+    [
+        (torch.bfloat16, (3, 2, 10, 16, 4, 128), torch.int64),
+        (torch.float32, (2, 2, 7, 1, 1, 1), torch.int32),
+        (torch.float16, (5, 2, 9, 3, 1, 3), torch.int16),
+        (torch.uint8, (1, 2, 8, 1, 1, 7), torch.uint8),
+    ],
+)
+def test_gather_then_scatter_moves_exactly_the_named_blocks(dtype, shape, word):
+    src = torch.randint(0, 100, shape).to(dtype)
+    dst = torch.full(shape, 7).to(dtype)
+    src_rows, dst_rows = kv_io.kv_rows(src), kv_io.kv_rows(dst)
+    assert src_rows.dtype == word
+    src_ids, dst_ids = [4, 0, 2], [1, 6, 3]
+    staging = torch.empty(kv_io.chunk_words(src_rows, (0, shape[0]), 3), dtype=word)
+    for layers in kv_io.plan_chunks(shape[0], 1, 1):  # one layer per chunk
+        view = kv_io.staging_view(staging, src_rows, layers, 3)
+        kv_io.gather(src_rows, layers, torch.tensor(src_ids), view)
+        kv_io.scatter(dst_rows, layers, torch.tensor(dst_ids), view)
+    assert torch.equal(dst[:, :, dst_ids], src[:, :, src_ids])
+    others = [b for b in range(shape[2]) if b not in dst_ids]
+    assert bool((dst[:, :, others] == 7).all())
+
+
+def test_kv_rows_rejects_wrong_layouts():
+    with pytest.raises(ValueError, match="L, 2, N"):
+        kv_io.kv_rows(torch.zeros(2, 3, 4, 4, 1, 1))
+    with pytest.raises(ValueError, match="contiguous"):
+        kv_io.kv_rows(torch.zeros(2, 2, 4, 4, 2, 2).transpose(4, 5))
+
+
+@pytest.mark.parametrize(
+    ("layers", "per_layer", "budget"), [(28, 8 << 20, 64 << 20), (28, 64 << 20, 1), (4, 10, 10**9), (7, 3, 7)]
+)
+def test_chunk_plans_cover_every_layer_once_in_even_groups(layers, per_layer, budget):
+    chunks = kv_io.plan_chunks(layers, per_layer, budget)
+    assert [layer for a, b in chunks for layer in range(a, b)] == list(range(layers))
+    sizes = [b - a for a, b in chunks]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert max(sizes) * per_layer <= max(budget, per_layer)
+
+
+# ---------------------------------------------------------------------------------- protocol and api
+SPEC = KVSpec("m", 4, 2, 8, 4, "bfloat16")
+
+
+def test_control_messages_round_trip_and_malformed_ones_are_rejected():
+    header = protocol.Header(3, 7, "t", 4, 9, 3, "bfloat16", 4, "L2NBHD", ((0, 2), (2, 4)), 1.5)
+    for message in (protocol.Open(2, "p", "i", SPEC), header, protocol.End(3, 7, False), protocol.Wake()):
+        assert protocol.decode(protocol.encode(message)) == message
+    for raw in (b"not json", b'{"op": "xfer"}', b'{"op": "teleport"}'):
+        with pytest.raises(ValueError):
+            protocol.decode(raw)
+    assert protocol.check_header(header, SPEC) == []
+    bad = protocol.Header(3, 7, "t", 4, 9, 3, "float16", 8, "L2NBHD", ((0, 3),), 1.5)
+    assert len(protocol.check_header(bad, SPEC)) == 3
+
+
+def test_pair_prefix_keys_both_incarnations_and_escapes_ids():
+    a, b = PeerRef("p/0", "1"), PeerRef("d0", "1")
+    assert protocol.pair_prefix(a, b) != protocol.pair_prefix(PeerRef("p/0", "2"), b)
+    assert protocol.pair_prefix(a, b) != protocol.pair_prefix(a, PeerRef("d0", "2"))
+    assert "p%2F0" in protocol.pair_prefix(a, b)
+
+
+def test_spec_mismatches_name_every_differing_field():
+    other = KVSpec("n", 4, 2, 8, 16, "float16")
+    problems = SPEC.mismatches(other)
+    assert [p.split(":")[0] for p in problems] == ["model_hash", "block_size", "dtype"]
+    assert KVSpec.for_cache(cache(0), "m") == SPEC
+    assert KVSpec.from_dict(SPEC.to_dict()) == SPEC
+
+
+def test_config_and_inputs_are_validated_with_the_bad_value_named():
+    with pytest.raises(ValueError, match=r"deadline_base_s.*-1"):
+        TransportConfig(deadline_base_s=-1)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        TransportConfig(chunk_bytes=0)
+    assert TransportConfig(deadline_base_s=2, deadline_bandwidth=1e9).transfer_timeout_s(3 * 10**9) == 5
+    with pytest.raises(ValueError, match="need 3 blocks"):
+        validate_blocks(SPEC, 32, [1, 2], 9)
+    with pytest.raises(ValueError, match="outside"):
+        validate_blocks(SPEC, 32, [1, 2, 40], 9)
+    with pytest.raises(ValueError, match="repeat"):
+        validate_blocks(SPEC, 32, [1, 1, 2], 9)
+    with pytest.raises(ValueError, match="non-empty"):
+        PeerRef("", "1")
+
+
+def test_errors_carry_a_machine_readable_reason_and_survive_pickling():
+    error = KVTransferError(FailureReason.PEER_RESTARTED, "t1", "d0#2", "restarted")
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.reason is FailureReason.PEER_RESTARTED and copy.detail == "restarted" and str(copy) == str(error)
+    assert {r for r in FailureReason if r.retryable} == {
+        FailureReason.TIMEOUT,
+        FailureReason.PEER_GONE,
+        FailureReason.PEER_RESTARTED,
+    }
+
+
+def test_a_future_resolves_once_and_runs_callbacks():
+    seen = []
+    future = TransferFuture("t", "peer", 4, cancel=lambda: False)
+    future.add_done_callback(seen.append)
+    assert not future.done() and future.reason is None
+    with pytest.raises(TimeoutError):
+        future.result(0.01)
+    assert future._resolve(TransferResult("t", "peer", 10, 0.1), None)
+    assert not future._resolve(None, KVTransferError(FailureReason.TIMEOUT, "t"))
+    assert future.result().num_bytes == 10 and seen == [future]
+    future.add_done_callback(seen.append)
+    assert seen == [future, future]
+
+
+# ---------------------------------------------------------------------------------- fake transport
+@pytest.fixture
+def fake_pair():
+    hub = FakeHub()
+    config = TransportConfig(deadline_base_s=0.2, expect_timeout_s=0.2, stream_timeout_s=0.2)
+    kv_p, kv_d = cache(1), cache(2)
+    prefill = make_transport("fake", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config, hub=hub)
+    decode = make_transport("fake", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config, hub=hub)
+    return hub, prefill, decode, kv_p, kv_d
+
+
+def test_fake_moves_whole_and_layerwise_transfers_bit_exact(fake_pair):
+    _, prefill, decode, kv_p, kv_d = fake_pair
+    got = decode.expect(prefill.local, "t1", [5, 6, 7], 10)
+    sent = prefill.send(decode.local, "t1", [0, 1, 2], 10)
+    assert sent.result(1).num_bytes == got.result(1).num_bytes == SPEC.transfer_bytes(3)
+    assert torch.equal(kv_d[:, :, [5, 6, 7]], kv_p[:, :, [0, 1, 2]])
+    got = decode.expect(prefill.local, "t2", [9], 3)
+    stream = prefill.open_send(decode.local, "t2", [4], 3)
+    stream.layer_ready(0)
+    assert got.num_layers_done == 1 and not got.done()
+    assert torch.equal(kv_d[0, :, 9], kv_p[0, :, 4]) and not torch.equal(kv_d[1, :, 9], kv_p[1, :, 4])
+    stream.finish().result(1)
+    assert got.result(1) and torch.equal(kv_d[:, :, 9], kv_p[:, :, 4])
+    assert decode.stats().num_received == 2 and prefill.stats().bytes_sent == SPEC.transfer_bytes(4)
+
+
+def test_fake_aborts_before_during_and_after(fake_pair):
+    _, prefill, decode, _, _ = fake_pair
+    before = decode.expect(prefill.local, "b", [1], 2)
+    assert decode.abort("b") and before.reason is FailureReason.ABORTED and not decode.abort("b")
+    assert prefill.send(decode.local, "b", [1], 2).result(1)  # drained
+    during = decode.expect(prefill.local, "d", [2, 3], 5)
+    stream = prefill.open_send(decode.local, "d", [2, 3], 5)
+    stream.layer_ready(0)
+    assert stream.cancel() and stream.future.reason is FailureReason.ABORTED
+    assert during.exception(1).detail == "the sender cancelled the transfer"
+    after = decode.expect(prefill.local, "a", [4], 1)
+    assert prefill.send(decode.local, "a", [4], 1).result(1) and after.result(1)
+    assert not decode.abort("a") and not prefill.abort("a")
+
+
+def test_fake_reports_timeouts_restarts_mismatches_and_injected_faults(fake_pair):
+    hub, prefill, decode, _, _ = fake_pair
+    waiting = decode.expect(prefill.local, "late", [1], 1)
+    time.sleep(0.25)
+    assert waiting.exception(1).reason is FailureReason.TIMEOUT
+    pending = decode.expect(prefill.local, "p", [1], 1)
+    reborn = make_transport("fake", kv=cache(3), local=PeerRef("p0", "2"), model_hash="m", hub=hub)
+    assert pending.exception(1).reason is FailureReason.PEER_RESTARTED
+    with pytest.raises(RuntimeError, match="closed"):
+        prefill.send(decode.local, "x", [1], 1)  # the old process is gone
+    assert decode.expect(prefill.local, "y", [1], 1).exception(1).reason is FailureReason.PEER_RESTARTED
+    odd = make_transport("fake", kv=cache(4), local=PeerRef("o0", "1"), model_hash="other", hub=hub)
+    assert odd.send(decode.local, "z", [1], 1).exception(1).reason is FailureReason.HANDSHAKE_MISMATCH
+    got = decode.expect(reborn.local, "f", [1], 1)
+    stream = reborn.open_send(decode.local, "f", [1], 1)
+    assert hub.fail_transfer("f", FailureReason.PEER_GONE) == 2
+    assert got.reason is stream.future.reason is FailureReason.PEER_GONE
+    got = decode.expect(reborn.local, "k", [1], 1)
+    hub.kill("p0")
+    assert got.reason is FailureReason.PEER_GONE
+
+
+# ---------------------------------------------------------------------------------- gloo in one process
+@pytest.fixture
+def gloo_pair():
+    config = TransportConfig(chunk_bytes=1024, deadline_base_s=3.0, connect_timeout_s=3.0, expect_timeout_s=5.0)
+    kv_p, kv_d = cache(1), cache(2)
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    yield prefill, decode, kv_p, kv_d
+    prefill.close()
+    decode.close()
+
+
+def test_gloo_pair_reports_protocol_errors_and_keeps_working(gloo_pair):
+    prefill, decode, kv_p, kv_d = gloo_pair
+    # The two sides disagree about the prompt's length: the receiver fails, the stream stays in step.
+    wrong = decode.expect(prefill.local, "w", [1, 2], 8)
+    assert prefill.send(decode.local, "w", [3, 4, 5], 9).result(5)
+    assert wrong.exception(5).reason is FailureReason.PROTOCOL_ERROR
+    # Data for an id nobody expects is drained; a late expect for it fails at once.
+    assert prefill.send(decode.local, "early", [6], 1).result(5)
+    late = decode.expect(prefill.local, "early", [6], 1)
+    assert late.exception(1).reason is FailureReason.PROTOCOL_ERROR
+    # One id, one transfer at a time.
+    decode.expect(prefill.local, "dup", [7], 1)
+    with pytest.raises(ValueError, match="already"):
+        decode.expect(prefill.local, "dup", [8], 1)
+    assert prefill.send(decode.local, "dup", [9], 1).result(5)
+    # And the pair still moves bits exactly.
+    got = decode.expect(prefill.local, "ok", [10, 11, 12, 13], 13)
+    assert prefill.send(decode.local, "ok", [20, 21, 22, 23], 13).result(5) and got.result(5)
+    assert torch.equal(kv_d[:, :, [10, 11, 12, 13]], kv_p[:, :, [20, 21, 22, 23]])
+    stats = decode.stats()
+    assert stats.num_received == 2 and stats.num_failed == {"protocol_error": 2} and stats.num_active == 0
+
+
+def test_closing_a_transport_fails_its_open_transfers_with_aborted(gloo_pair):
+    prefill, decode, _, _ = gloo_pair
+    waiting = decode.expect(prefill.local, "c", [1], 1)
+    stream = prefill.open_send(decode.local, "c2", [1], 1)
+    decode.close()
+    prefill.close()
+    assert waiting.reason is FailureReason.ABORTED and stream.future.reason is FailureReason.ABORTED
+    with pytest.raises(RuntimeError, match="closed"):
+        decode.expect(prefill.local, "d", [1], 1)
