@@ -35,6 +35,9 @@ class ClusterSpec:
     router_port: int = 50051
     worker_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
+    # The router's OpenAI-compatible HTTP API: None means 8000, or a free port when router_port
+    # is 0 (tests start several clusters at once); -1 turns it off.
+    http_port: int | None = None
     registry: str = ""  # "" = the router's embedded registry; or redis://host:port
 
     def __post_init__(self) -> None:
@@ -45,6 +48,14 @@ class ClusterSpec:
             raise ValueError("a cluster needs at least one decode or mixed worker")
         if not 0 <= self.router_port < 65536:
             raise ValueError(f"router port must be in [0, 65535], got {self.router_port}")
+        if self.http_port is not None and not -1 <= self.http_port < 65536:
+            raise ValueError(f"HTTP port must be in [0, 65535] or -1 (off), got {self.http_port}")
+
+    @property
+    def router_http_port(self) -> int:
+        if self.http_port is not None:
+            return self.http_port
+        return 0 if self.router_port == 0 else 8000
 
 
 @dataclass
@@ -97,6 +108,12 @@ class LocalCluster:
         assert self.router is not None
         return self.router.ready["grpc_address"]
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the router's OpenAI-compatible HTTP API (None when it is off)."""
+        assert self.router is not None
+        return self.router.ready.get("http_address")
+
     def _spawn(self, name: str, argv: Sequence[str]) -> Process:
         popen = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *argv],
@@ -126,7 +143,8 @@ class LocalCluster:
         roles = ["prefill"] * spec.num_prefill + ["decode"] * spec.num_decode + ["mixed"] * spec.num_mixed
         try:
             argv = ["router", "--model", spec.model, "--registry", spec.registry or "embedded"]
-            argv += ["--host", spec.host, "--port", str(spec.router_port), *spec.router_args]
+            argv += ["--host", spec.host, "--port", str(spec.router_port)]
+            argv += ["--http-port", str(spec.router_http_port), *spec.router_args]
             self.router = self._spawn("router", argv)
             self.registry_url = self.router.wait_ready(READY_TIMEOUT_S)["registry"]
             for index, role in enumerate(roles):
@@ -168,6 +186,8 @@ class LocalCluster:
 
     def describe(self) -> str:
         lines = [f"router   gRPC {self.address}  (pdserve.v1.Generation, health, reflection)"]
+        if self.http_address:
+            lines.append(f"router   HTTP http://{self.http_address}/v1  (OpenAI-compatible API)")
         for worker in self.workers:
             r = worker.ready
             lines.append(f"{worker.name:<9} gRPC {r['grpc_address']}  KV store {r['kv_store']}  pid {r['pid']}")
@@ -188,6 +208,7 @@ def run(args) -> int:
         device=args.device,
         host=args.host,
         router_port=args.port,
+        http_port=args.http_port,
         worker_args=tuple(args.worker_arg or ()),
         router_args=tuple(args.router_arg or ()),
     )

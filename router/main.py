@@ -1,6 +1,9 @@
-"""The router process: serves `pdserve.v1.Generation` (gRPC) over a pool of workers.
+"""The router process: serves `pdserve.v1.Generation` (gRPC) and the OpenAI-compatible HTTP API
+(`router.openai_api`, aiohttp, on the same asyncio loop) over a pool of workers.
 
-Prints `READY {json}` on stdout once listening, like the workers, for launchers.
+Prints `READY {json}` on stdout once listening (`grpc_address`, and `http_address` unless the
+HTTP API is off), like the workers, for launchers. API keys (`--api-key`, `--api-key-file`, or
+the `PDSERVE_API_KEY` environment variable, read here and nowhere else) guard both front ends.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -20,10 +24,26 @@ from cluster.registry import EmbeddedRegistry, RegistryService, make_registry
 from engine.tokenizer import Tokenizer
 from protos.pdserve.v1 import generate_pb2_grpc, registry_pb2_grpc
 from protos.services import GENERATION_SERVICE, NOT_SERVING, SERVING, add_standard_services
+from router.auth import ApiKeyInterceptor, ApiKeys, load_api_keys
+from router.openai_api import OpenAIServer, start_http, stop_http
+from router.reasoning import PARSER_NAMES, reasoning_parser_enabled
 from router.server import GenerationService, RouterConfig
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """The public front ends beyond gRPC: the HTTP API's address, API keys, reasoning parser."""
+
+    http_port: int | None = 8000  # None: no HTTP API; 0: a free port
+    http_host: str | None = None  # None: the gRPC host
+    api_keys: ApiKeys = field(default_factory=ApiKeys)
+    reasoning_parser: str = "auto"
 
 
 async def serve(
@@ -33,7 +53,9 @@ async def serve(
     port: int,
     registry_url: str = "embedded",
     ready_out=sys.stdout,
+    frontend: FrontendConfig | None = None,
 ) -> None:
+    frontend = frontend or FrontendConfig()
     tokenizer = Tokenizer.for_model(config.model_id)
     pool = WorkerPool(worker_addresses)
     registry = None
@@ -43,8 +65,10 @@ async def serve(
         registry = make_registry(registry_url)
         pool.start_watching(registry)
     service = GenerationService(config, tokenizer, pool)
+    interceptors = [ApiKeyInterceptor(frontend.api_keys)] if frontend.api_keys.enabled else []
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", config.max_request_bytes + (64 << 10))],
+        interceptors=interceptors,
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
     if isinstance(registry, EmbeddedRegistry):
@@ -56,6 +80,17 @@ async def serve(
     await server.start()
     ready = {"grpc_address": f"{host}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
     ready["registry"] = f"grpc://{host}:{bound}" if isinstance(registry, EmbeddedRegistry) else registry_url
+    http_runner = None
+    if frontend.http_port is not None:
+        http_host = frontend.http_host or host
+        parse_reasoning = reasoning_parser_enabled(frontend.reasoning_parser, tokenizer.chat_template)
+        api = OpenAIServer(
+            service, frontend.api_keys, reasoning_parser=parse_reasoning, is_serving=pool.has_decode_capacity
+        )
+        http_runner, http_bound = await start_http(api.make_app(), http_host, frontend.http_port)
+        ready["http_address"] = f"{http_host}:{http_bound}"
+    if not frontend.api_keys.enabled and {host, frontend.http_host or host} - set(_LOOPBACK_HOSTS):
+        log.warning("serving beyond loopback without an API key (set --api-key-file or %s)", API_KEY_ENV)
     print("READY " + json.dumps(ready), file=ready_out, flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,6 +106,8 @@ async def serve(
                 await health.set(name, SERVING if serving else NOT_SERVING)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.25)
+    if http_runner is not None:
+        await stop_http(http_runner)
     await server.stop(grace=1.0)
     await pool.close()
     if registry is not None:
@@ -92,6 +129,16 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-max-tokens", type=int, default=0, help="prompts this short prefill on decode")
     p.add_argument("--max-inflight", type=int, default=256)
     p.add_argument("--max-queued", type=int, default=1024)
+    p.add_argument("--http-host", default=None, help="address of the OpenAI-compatible HTTP API (default: --host)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP API port; 0 picks a free one, -1 turns it off")
+    p.add_argument("--api-key", default=None, help=f"require this key on both APIs (also: ${API_KEY_ENV})")
+    p.add_argument("--api-key-file", default=None, help="require one of the keys in this file (one per line)")
+    p.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=PARSER_NAMES,
+        help="split thinking output into reasoning_content (auto: when the chat template has thinking)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
         max_inflight=args.max_inflight,
         max_queued=args.max_queued,
     )
+    frontend = FrontendConfig(
+        http_port=None if args.http_port < 0 else args.http_port,
+        http_host=args.http_host,
+        api_keys=load_api_keys(args.api_key, args.api_key_file, os.environ.get(API_KEY_ENV)),
+        reasoning_parser=args.reasoning_parser,
+    )
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
-    asyncio.run(serve(config, workers, args.host, args.port, registry_url=args.registry))
+    asyncio.run(serve(config, workers, args.host, args.port, registry_url=args.registry, frontend=frontend))
     return 0

@@ -8,6 +8,11 @@ One `Generate` call:
     failure after some tokens     ──▶ another decode worker continues from prompt + tokens so far
     client gone / Abort / deadline ──▶ the D call is cancelled, D aborts and frees (and tells P)
 
+Both public front ends share one entry, `GenerationService.run(request, deadline_s)`: the gRPC
+`Generate` RPC streams its messages, and the OpenAI-compatible HTTP API (`router.openai_api`)
+shapes them into chat/completion responses. `run` raises `RequestError(code, message)` for
+anything that ends a request before it streams; each front end maps the status once.
+
 The router process never imports torch: it uses the engine's torch-free tokenizer, configs and
 sampling validation (`engine.tokenizer`, `engine.config`, `engine.sampling_params`), which a
 test checks. This is a deliberate widening of DESIGN's import table: tokenization must match the
@@ -23,6 +28,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -90,7 +96,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         self.pool = pool
         self._slots = asyncio.Semaphore(config.max_inflight)
         self._num_queued = 0
-        self._calls: dict[str, asyncio.Task] = {}
+        self._calls: dict[str, asyncio.Task] = {}  # request id -> the task relaying it
         self._transfer_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
         self.num_retries = 0
         self.num_migrations = 0
@@ -106,32 +112,63 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         return generate_pb2.ListModelsResponse(models=[info])
 
     async def Abort(self, request, context):
-        task = self._calls.get(request.request_id)
-        if task is None:
-            return generate_pb2.AbortResponse(aborted=False)
-        task.cancel()
-        return generate_pb2.AbortResponse(aborted=True)
+        return generate_pb2.AbortResponse(aborted=self.abort(request.request_id))
 
     async def Generate(self, request, context):
         try:
-            prepared = self._prepare(request)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
-        if prepared.request_id in self._calls:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {prepared.request_id!r} is in flight")
-        self._calls[prepared.request_id] = asyncio.current_task()
-        try:
-            async for message in self._generate(prepared, context):
+            async for message in self.run(request, context.time_remaining()):
                 yield message
         except RequestError as err:
             await context.abort(err.code, err.message)
-        except asyncio.CancelledError:
-            if context.cancelled() or context.done():
-                raise
-            # Cancelled by our own Abort RPC: end the stream with ABORT rather than an error.
-            yield generate_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ABORT)
+
+    # ----------------------------------------------------------------------------- shared entry
+    async def run(
+        self, request: generate_pb2.GenerateRequest, deadline_s: float | None = None
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Validate, admit, route and relay one request: the stream `Generate` returns.
+
+        Raises RequestError (validation, queue full, no worker, deadline) instead of streaming.
+        Cancelling the consuming task cancels the request everywhere; `abort(request_id)` ends
+        the stream with FINISH_REASON_ABORT instead. `deadline_s` is the time left, None for none.
+
+        The request runs in a task of its own that feeds a queue, so that `abort` cancels only
+        that task: never the caller's, which may be inside gRPC's or aiohttp's own send.
+        """
+        prepared = self._prepare(request)
+        if prepared.request_id in self._calls:
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request id {prepared.request_id!r} is in flight")
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        queue: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(self._produce(prepared, deadline, queue))
+        self._calls[prepared.request_id] = task
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
         finally:
             self._calls.pop(prepared.request_id, None)
+            task.cancel()  # the consumer left early: the relay cancels its worker call
+
+    async def _produce(self, prepared: _Prepared, deadline: float | None, queue: asyncio.Queue) -> None:
+        """Relay one request into `queue`: its messages, then None (or an exception)."""
+        try:
+            async for message in self._generate(prepared, deadline):
+                queue.put_nowait(message)
+        except asyncio.CancelledError:
+            # abort() (or a consumer that left, which reads no more): end with ABORT.
+            queue.put_nowait(generate_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ABORT))
+        except Exception as exc:  # RequestError, or a bug the front end reports
+            queue.put_nowait(exc)
+        queue.put_nowait(None)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort an in-flight request (its stream ends with ABORT); False if none has this id."""
+        task = self._calls.get(request_id)
+        if task is None:
+            return False
+        task.cancel()
+        return True
 
     # ----------------------------------------------------------------------------- validation
     def _prepare(self, request: generate_pb2.GenerateRequest) -> _Prepared:
@@ -157,7 +194,9 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                 f"prompt has {len(prompt_ids)} tokens but the context holds {max_len}",
             )
         try:
-            params = sampling_from_proto(request.sampling, default_max_tokens=self.config.default_max_tokens)
+            # Unset max_tokens: the configured default, or what is left of the context if less.
+            default_max_tokens = min(self.config.default_max_tokens, max_len - len(prompt_ids))
+            params = sampling_from_proto(request.sampling, default_max_tokens=default_max_tokens)
         except SamplingParamsError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if len(prompt_ids) + params.max_tokens > max_len:
@@ -183,48 +222,35 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         if kind == "text":
             return self.tokenizer.encode(request.text)
         if kind == "chat":
-            chat = request.chat
-            if not chat.messages:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty")
-            messages = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages]
-            kwargs = (
-                json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else {}
-            )
-            tools = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in chat.tools]
-            add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=add_prompt, tools=tools or None, **kwargs
-                )
-            except Exception as exc:  # template errors are the caller's input
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from None
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(render_chat(self.tokenizer, request.chat))
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text, chat or token_ids")
 
     # ----------------------------------------------------------------------------- relay
-    async def _admit(self, context) -> None:
+    async def _admit(self, deadline: float | None) -> None:
         if self._slots.locked() and self._num_queued >= self.config.max_queued:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "router queue is full; retry later")
         self._num_queued += 1
         try:
-            await self._slots.acquire()
+            await asyncio.wait_for(self._slots.acquire(), _remaining(deadline))
+        except TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued") from None
         finally:
             self._num_queued -= 1
 
-    async def _generate(self, req: _Prepared, context):
-        await self._admit(context)
+    async def _generate(self, req: _Prepared, deadline: float | None):
+        await self._admit(deadline)
         try:
             yield generate_pb2.GenerateResponse(
                 metadata=generate_pb2.GenerateMetadata(
                     request_id=req.request_id, model=self.config.model_id, num_prompt_tokens=len(req.prompt_ids)
                 )
             )
-            async for message in self._relay(req, context):
+            async for message in self._relay(req, deadline):
                 yield message
         finally:
             self._slots.release()
 
-    async def _relay(self, req: _Prepared, context):
+    async def _relay(self, req: _Prepared, deadline: float | None):
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=req.skip_special)
         tokens: list[int] = []
         text = ""
@@ -235,8 +261,8 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         holdback = max((len(s) for s in req.stops), default=1) - 1
         while True:
             attempts += 1
-            decode, prefill = await self._pick(req, tokens, excluded, context)
-            call = decode.stub.Decode(self._decode_request(req, tokens, decode, prefill), timeout=_remaining(context))
+            decode, prefill = await self._pick(req, tokens, excluded)
+            call = decode.stub.Decode(self._decode_request(req, tokens, decode, prefill), timeout=_remaining(deadline))
             decode.num_inflight += 1
             if prefill:
                 prefill.num_inflight += 1
@@ -296,7 +322,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                     prefill.num_inflight -= 1
 
     async def _pick(
-        self, req: _Prepared, tokens: list[int], excluded: set[str], context
+        self, req: _Prepared, tokens: list[int], excluded: set[str]
     ) -> tuple[WorkerHandle, WorkerHandle | None]:
         deadline = time.monotonic() + self.config.wait_for_workers_s
         while True:
@@ -342,9 +368,62 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         return out
 
 
-def _remaining(context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else max(remaining, 0.001)
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+
+def render_chat(tokenizer: Tokenizer, chat: generate_pb2.ChatPrompt) -> str:
+    """A chat prompt's text: the model's chat template over its messages, tools and kwargs, with
+    the generation prompt or the final message left open. RequestError on input it rejects."""
+    if not chat.messages:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty")
+    messages = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages]
+    kwargs = _from_struct(json_format.MessageToDict(chat.chat_template_kwargs))
+    tools = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in chat.tools]
+    for tool in tools:
+        function = tool.get("function", {})
+        if "parameters" in function:
+            function["parameters"] = _from_struct(function["parameters"])
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    if chat.continue_final_message:
+        if chat.HasField("add_generation_prompt") and chat.add_generation_prompt:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "continue_final_message and add_generation_prompt cannot both be true"
+            )
+        add_prompt = False
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tools=tools or None, **kwargs)
+    except Exception as exc:  # template errors are the caller's input
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from None
+    if chat.continue_final_message:
+        text = _open_final_message(text, chat.messages[-1])
+    return text
+
+
+def _from_struct(value):
+    """A Struct's content as plain JSON, the same in every process: keys sorted (a Struct is a map,
+    whose order protobuf does not keep, so the prompt would otherwise change from run to run)
+    and integral numbers as ints (a Struct stores every number as a double)."""
+    if isinstance(value, dict):
+        return {key: _from_struct(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_from_struct(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _open_final_message(text: str, final: generate_pb2.ChatMessage) -> str:
+    """Cut the rendered chat after the last message's content, so the model continues that message
+    (what transformers does for `continue_final_message`)."""
+    if final.role != "assistant" or not final.content:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "continue_final_message needs a last assistant message with content"
+        )
+    at = text.rfind(final.content)
+    if at < 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the chat template does not render the final message")
+    return text[: at + len(final.content)]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
