@@ -252,6 +252,7 @@ def _down_pair_rows_kernel(
 def _gate_up_grouped_kernel(
     hidden_ptr,  # [T, H] (row stride stride_hm)
     w13_ptr,  # [E, 2I, H]
+    w13_desc,  # USE_TMA: TMA descriptor of w13 as [E * 2I, H], block [BLOCK_N, BLOCK_K]; else None
     sorted_pairs_ptr,  # [R] int32: pair id per row, num_pairs for padding rows
     block_expert_ptr,  # [num_blocks] int32: local expert of each M-block, -1 for unused blocks
     act_ptr,  # [R, I] out: silu * up per sorted row; padding rows stay unwritten
@@ -268,6 +269,7 @@ def _gate_up_grouped_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # H % BLOCK_K == 0
+    USE_TMA: tl.constexpr,  # weights through the tensor-memory accelerator (Hopper+)
 ):
     # grid: (num_blocks * cdiv(I, BLOCK_N),)
     num_tiles_n = tl.cdiv(inter_size, BLOCK_N)
@@ -286,28 +288,38 @@ def _gate_up_grouped_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = hidden_ptr + token[:, None].to(tl.int64) * stride_hm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_gate_ptrs = (
-        w13_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    )  # [BLOCK_K, BLOCK_N]
-    w_up_ptrs = w_gate_ptrs + inter_size * stride_wn
+    if USE_TMA:
+        # rows of the [E * 2I, H] view; a partial last N-tile reads on into the next rows (dropped)
+        w_gate_row = expert * (2 * inter_size) + pid_n * BLOCK_N
+    else:
+        w_gate_ptrs = (
+            w13_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        )  # [BLOCK_K, BLOCK_N]
+        w_up_ptrs = w_gate_ptrs + inter_size * stride_wn
 
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
-            w_gate = tl.load(w_gate_ptrs)
-            w_up = tl.load(w_up_ptrs)
         else:
             k_mask = offs_k < hidden_size - k0
             a = tl.load(a_ptrs, mask=row_valid[:, None] & k_mask[None, :], other=0.0)
+        if USE_TMA:  # [BLOCK_N, BLOCK_K] tiles, zero-filled past H
+            w_gate = w13_desc.load([w_gate_row, k0]).T
+            w_up = w13_desc.load([w_gate_row + inter_size, k0]).T
+        elif EVEN_K:
+            w_gate = tl.load(w_gate_ptrs)
+            w_up = tl.load(w_up_ptrs)
+        else:
             w_gate = tl.load(w_gate_ptrs, mask=k_mask[:, None], other=0.0)
             w_up = tl.load(w_up_ptrs, mask=k_mask[:, None], other=0.0)
         acc_gate = tl.dot(a, w_gate, acc_gate)
         acc_up = tl.dot(a, w_up, acc_up)
         a_ptrs += BLOCK_K
-        w_gate_ptrs += BLOCK_K
-        w_up_ptrs += BLOCK_K
+        if not USE_TMA:
+            w_gate_ptrs += BLOCK_K
+            w_up_ptrs += BLOCK_K
 
     act = _silu_mul(acc_gate, acc_up).to(act_ptr.dtype.element_ty)
     act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * inter_size + offs_n[None, :]
@@ -318,6 +330,8 @@ def _gate_up_grouped_kernel(
 def _down_grouped_kernel(
     act_ptr,  # [R, I] from _gate_up_grouped_kernel
     w2_ptr,  # [E, H, I]
+    act_desc,  # USE_TMA: TMA descriptor of act, block [BLOCK_M, BLOCK_K]; else None
+    w2_desc,  # USE_TMA: TMA descriptor of w2 as [E * H, I], block [BLOCK_N, BLOCK_K]; else None
     sorted_pairs_ptr,  # [R] int32
     block_expert_ptr,  # [num_blocks] int32
     topk_weights_ptr,  # [P]
@@ -335,6 +349,7 @@ def _down_grouped_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # I % BLOCK_K == 0
     ATOMIC: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     # grid: (num_blocks * cdiv(H, BLOCK_N),)
     num_tiles_n = tl.cdiv(hidden_size, BLOCK_N)
@@ -350,14 +365,20 @@ def _down_grouped_kernel(
 
     # Padding rows of act are unwritten; a row of A only reaches the same row of the product,
     # which the store below drops, so A needs no row mask.
-    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * inter_size + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    w_ptrs = (
-        w2_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-    )  # [BLOCK_K, BLOCK_N]
+    if USE_TMA:
+        w_row = expert * hidden_size + pid_n * BLOCK_N  # row of the [E * H, I] view
+    else:
+        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * inter_size + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = (
+            w2_ptr + expert.to(tl.int64) * stride_we + offs_n_safe[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        )  # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter_size, BLOCK_K):
-        if EVEN_K:
+        if USE_TMA:  # zero-filled past I
+            a = act_desc.load([pid_m * BLOCK_M, k0])
+            w = w2_desc.load([w_row, k0]).T
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
@@ -365,8 +386,9 @@ def _down_grouped_kernel(
             a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not USE_TMA:
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
 
     pair = tl.load(sorted_pairs_ptr + offs_m)
     row_valid = pair < num_pairs
@@ -388,11 +410,11 @@ def _sum_topk_kernel(
     topk_ids_ptr,  # [P]
     out_ptr,  # [T, H] out (row stride stride_om)
     num_tokens,
-    top_k,
     num_experts,
     expert_offset,
     hidden_size,
     stride_om,
+    TOP_K: tl.constexpr,  # unrolled, so that all K row loads are in flight at once
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -402,8 +424,8 @@ def _sum_topk_kernel(
     t_mask = offs_t < num_tokens
     h_mask = offs_h < hidden_size
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
-    for slot in range(0, top_k):
-        pair = offs_t * top_k + slot
+    for slot in tl.static_range(TOP_K):
+        pair = offs_t * TOP_K + slot
         expert = tl.load(topk_ids_ptr + pair, mask=t_mask, other=-1).to(tl.int32) - expert_offset
         is_local = t_mask & (expert >= 0) & (expert < num_experts)
         row_ptrs = pair_out_ptr + pair[:, None].to(tl.int64) * hidden_size + offs_h[None, :]

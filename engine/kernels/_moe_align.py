@@ -1,15 +1,18 @@
-"""Triton kernel that sorts (token, slot) pairs by expert for the grouped MoE GEMMs (see `moe_align.py`).
+"""Triton kernels that sort (token, slot) pairs by expert for the grouped MoE GEMMs (see `moe_align.py`).
 
-Names: P = T * K pairs (p = t * K + j), E local experts, BLOCK_M rows per M-block.
+Names: P = T * K pairs (p = t * K + j), E local experts, BLOCK_M rows per M-block, CHUNK pairs per
+program, G = cdiv(P, CHUNK) chunks.
 
 Result, for local experts e = 0..E-1 with c_e pairs each (ids outside [offset, offset + E) dropped):
 
-    sorted_pairs  | e0 pairs | pad | e1 pairs .. | pad | e3 ... |  pad up to the buffer's end
+    sorted_pairs  | e0 pairs | pad | e1 pairs .. | pad | e3 ... |  (rows past the used blocks: unwritten)
                   ^ 0        ^ c_0 ^ BLOCK_M * ceil(c_0 / BLOCK_M)
     block_expert  | 0 | 0 | 1 | 3 | 3 | 3 | -1 | -1 ...      one entry per M-block
 
-Padding rows hold P (one past the last pair id). Within an expert, pairs land in the order their
-atomics win; the GEMMs compute each row independently of its position, so results do not depend on it.
+Padding rows hold P (one past the last pair id). Within an expert, pairs keep their order (a stable
+counting sort), so the layout is the same on every run. Two launches: `_moe_count_kernel` writes
+each chunk's per-expert counts, `_moe_place_kernel` turns them into offsets and scatters; when the
+pairs fit one chunk, `_moe_place_kernel` counts for itself (SINGLE_CHUNK) and is the only launch.
 """
 
 from __future__ import annotations
@@ -18,62 +21,95 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_rows", "num_blocks"])
-def _moe_align_kernel(
+@triton.jit
+def _chunk_one_hot(
+    topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2: tl.constexpr, CHUNK: tl.constexpr
+):
+    """(pairs [CHUNK], is_local [CHUNK], one_hot [CHUNK, E_POW2] int32) of one chunk of pairs."""
+    pairs = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_range = pairs < num_pairs
+    expert = tl.load(topk_ids_ptr + pairs, mask=in_range, other=-1).to(tl.int32) - expert_offset
+    is_local = in_range & (expert >= 0) & (expert < num_experts)
+    experts = tl.arange(0, E_POW2)
+    one_hot = ((expert[:, None] == experts[None, :]) & is_local[:, None]).to(tl.int32)
+    return pairs, is_local, one_hot
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _moe_count_kernel(
     topk_ids_ptr,  # [P] int32/int64 (= [T, K] contiguous)
-    sorted_pairs_ptr,  # [num_rows] int32 out
-    block_expert_ptr,  # [num_blocks] int32 out
-    cursor_ptr,  # [E_POW2] int32 scratch: counts, then each expert's next free row
+    chunk_counts_ptr,  # [G, E_POW2] int32 out: pairs of chunk g for local expert e
     num_pairs,
     num_experts,
     expert_offset,
-    num_rows,  # num_blocks * BLOCK_M
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # grid: (G,)
+    chunk = tl.program_id(0)
+    _, _, one_hot = _chunk_one_hot(topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
+    experts = tl.arange(0, E_POW2)
+    tl.store(chunk_counts_ptr + chunk * E_POW2 + experts, tl.sum(one_hot, axis=0))
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
+def _moe_place_kernel(
+    topk_ids_ptr,  # [P]
+    chunk_counts_ptr,  # [G, E_POW2] from _moe_count_kernel (unused when SINGLE_CHUNK)
+    sorted_pairs_ptr,  # [num_blocks * BLOCK_M] int32 out
+    block_expert_ptr,  # [num_blocks] int32 out
+    num_pairs,
+    num_chunks,  # G
+    num_experts,
+    expert_offset,
     num_blocks,
     BLOCK_M: tl.constexpr,
-    E_POW2: tl.constexpr,  # >= num_experts
-    CHUNK: tl.constexpr,  # pairs (and rows) handled per loop step
-    BLOCK_CHUNK: tl.constexpr,  # M-blocks handled per loop step
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    COUNT_ROWS: tl.constexpr,  # rows of chunk_counts read per step
+    BLOCK_CHUNK: tl.constexpr,  # M-blocks mapped per step
+    SINGLE_CHUNK: tl.constexpr,  # G == 1: count here, no _moe_count_kernel
 ):
-    # grid: (1,) -- one program; tl.debug_barrier() orders its phases.
+    # grid: (G,)
+    chunk = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
-    offs = tl.arange(0, CHUNK)
+    pairs, is_local, one_hot = _chunk_one_hot(topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
 
-    # 1. zero the counters; mark every row as padding.
-    tl.store(cursor_ptr + experts, tl.zeros((E_POW2,), dtype=tl.int32))
-    for start in range(0, num_rows, CHUNK):
-        rows = start + offs
-        tl.store(sorted_pairs_ptr + rows, tl.zeros((CHUNK,), dtype=tl.int32) + num_pairs, mask=rows < num_rows)
-    tl.debug_barrier()
-
-    # 2. count pairs per local expert.
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + offs
-        in_range = pairs < num_pairs
-        expert = tl.load(topk_ids_ptr + pairs, mask=in_range, other=-1).to(tl.int32) - expert_offset
-        is_local = in_range & (expert >= 0) & (expert < num_experts)
-        tl.atomic_add(cursor_ptr + expert, tl.full((CHUNK,), 1, tl.int32), mask=is_local, sem="relaxed")
-    tl.debug_barrier()
-
-    # 3. each expert's first M-block, and the M-block -> expert map.
-    counts = tl.load(cursor_ptr + experts, volatile=True)  # [E_POW2], 0 past num_experts
+    # 1. every expert's total, and how many of its pairs sit in earlier chunks
+    if SINGLE_CHUNK:
+        counts = tl.sum(one_hot, axis=0)  # [E_POW2]
+        earlier = tl.zeros((E_POW2,), dtype=tl.int32)
+    else:
+        counts = tl.zeros((E_POW2,), dtype=tl.int32)
+        earlier = tl.zeros((E_POW2,), dtype=tl.int32)
+        for row0 in range(0, num_chunks, COUNT_ROWS):
+            rows = row0 + tl.arange(0, COUNT_ROWS)
+            part = tl.load(
+                chunk_counts_ptr + rows[:, None] * E_POW2 + experts[None, :], mask=rows[:, None] < num_chunks, other=0
+            )  # [COUNT_ROWS, E_POW2]
+            counts += tl.sum(part, axis=0)
+            earlier += tl.sum(tl.where(rows[:, None] < chunk, part, 0), axis=0)
     num_expert_blocks = (counts + BLOCK_M - 1) // BLOCK_M
     block_end = tl.cumsum(num_expert_blocks, axis=0)  # [E_POW2] inclusive
     block_start = block_end - num_expert_blocks
-    for start in range(0, num_blocks, BLOCK_CHUNK):
-        blocks = start + tl.arange(0, BLOCK_CHUNK)
+
+    # 2. scatter: row = expert's first row + pairs before this one (earlier chunks, then this chunk)
+    rank = tl.cumsum(one_hot, axis=0) - 1  # [CHUNK, E_POW2]: earlier same-expert pairs in the chunk
+    base = block_start * BLOCK_M + earlier  # [E_POW2]
+    row = tl.sum(one_hot * (rank + base[None, :]), axis=1)  # [CHUNK]
+    tl.store(sorted_pairs_ptr + row, pairs, mask=is_local)
+
+    # 3. padding rows after each expert's pairs (disjoint from the rows scattered above)
+    if chunk == 0:
+        offs_pad = tl.arange(0, BLOCK_M)
+        pad_rows = (block_start * BLOCK_M + counts)[:, None] + offs_pad[None, :]  # [E_POW2, BLOCK_M]
+        is_pad = counts[:, None] + offs_pad[None, :] < (num_expert_blocks * BLOCK_M)[:, None]
+        tl.store(sorted_pairs_ptr + pad_rows, tl.zeros_like(pad_rows) + num_pairs, mask=is_pad)
+
+    # 4. M-block -> expert map, chunks of M-blocks spread over the programs
+    for block0 in range(chunk * BLOCK_CHUNK, num_blocks, num_chunks * BLOCK_CHUNK):
+        blocks = block0 + tl.arange(0, BLOCK_CHUNK)
         # experts whose blocks all end at or before `blocks` = the expert that owns it
         owner = tl.sum((block_end[None, :] <= blocks[:, None]).to(tl.int32), axis=1)  # [BLOCK_CHUNK]
         owner = tl.where(owner < num_experts, owner, -1)
         tl.store(block_expert_ptr + blocks, owner, mask=blocks < num_blocks)
-    tl.debug_barrier()  # every thread has read `counts` before the counters are overwritten
-
-    # 4. scatter each pair to its expert's next free row.
-    tl.store(cursor_ptr + experts, block_start * BLOCK_M)
-    tl.debug_barrier()
-    for start in range(0, num_pairs, CHUNK):
-        pairs = start + offs
-        in_range = pairs < num_pairs
-        expert = tl.load(topk_ids_ptr + pairs, mask=in_range, other=-1).to(tl.int32) - expert_offset
-        is_local = in_range & (expert >= 0) & (expert < num_experts)
-        row = tl.atomic_add(cursor_ptr + expert, tl.full((CHUNK,), 1, tl.int32), mask=is_local, sem="relaxed")
-        tl.store(sorted_pairs_ptr + row, pairs, mask=is_local)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine.kernels._fused_moe import (
     _down_grouped_kernel,
@@ -59,6 +60,8 @@ class FusedMoeConfig:
     "sum" -- weighted rows per pair, then a deterministic sum kernel (either path);
     "atomic" -- fp32 atomics from the down GEMM's epilogue (grouped path; order varies run to run);
     "fused" -- the down kernel loops over a token's slots in registers (pairs path; one launch less).
+    `tma` loads the grouped GEMMs' weights (and the down GEMM's activations) through TMA descriptors
+    (Hopper and later; ignored where the layout does not allow it).
     """
 
     path: str = "grouped"
@@ -74,8 +77,11 @@ class FusedMoeConfig:
     down_warps: int = 4
     down_stages: int = 3
     combine: str = "sum"
+    tma: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"FusedMoeConfig.tma must be a bool, got {self.tma!r}")
         if self.path not in _PATHS:
             raise ValueError(f"FusedMoeConfig.path must be one of {_PATHS}, got {self.path!r}")
         if self.combine not in _COMBINES:
@@ -257,6 +263,21 @@ def _check_inputs(
         raise ValueError(f"fused_moe runs on CUDA tensors (CPU only under TRITON_INTERPRET=1), got {hidden.device}")
 
 
+def _tma_view(tensor: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor | None:
+    """TMA descriptor of a [E, R, C] (or [R, C]) tensor seen as [E * R, C], or None when TMA cannot
+    address it (experts not evenly spaced, or addresses/strides not 16-byte aligned)."""
+    rows, cols = tensor.shape[-2], tensor.shape[-1]
+    row_stride = tensor.stride(-2)
+    num_rows = tensor.numel() // cols
+    itemsize = tensor.element_size()
+    if tensor.dim() == 3 and tensor.stride(0) != rows * row_stride:
+        return None
+    if tensor.data_ptr() % 16 or (row_stride * itemsize) % 16 or num_rows == 0:
+        return None
+    view = tensor.as_strided((num_rows, cols), (row_stride, 1))
+    return TensorDescriptor(view, [num_rows, cols], [row_stride, 1], [block_rows, block_cols])
+
+
 # ----------------------------------------------------------------------------------------------
 # stages (fused_moe runs them in order; the tuner times them one by one)
 # ----------------------------------------------------------------------------------------------
@@ -373,9 +394,11 @@ def grouped_gate_up(
 ) -> None:
     """act[r] = silu(x @ gate.T) * (x @ up.T) for each sorted row r of `align`; act is [R, I]."""
     inter_size = act.shape[1]
+    w13_desc = _tma_view(w13, cfg.up_block_n, cfg.up_block_k) if cfg.tma else None
     _gate_up_grouped_kernel[(align.num_blocks * triton.cdiv(inter_size, cfg.up_block_n),)](
         hidden,
         w13,
+        w13_desc,
         align.sorted_pairs,
         align.block_expert,
         act,
@@ -392,6 +415,7 @@ def grouped_gate_up(
         BLOCK_N=cfg.up_block_n,
         BLOCK_K=cfg.up_block_k,
         EVEN_K=hidden.shape[1] % cfg.up_block_k == 0,
+        USE_TMA=w13_desc is not None,
         num_warps=cfg.up_warps,
         num_stages=cfg.up_stages,
     )
@@ -410,9 +434,17 @@ def grouped_down(
     """Down GEMM over the sorted rows, routing weight applied. combine="atomic": down_out is a zeroed
     [T, H] fp32 buffer the rows are added into; else [P, H] with one weighted row per pair."""
     hidden_size, inter_size = w2.shape[1], w2.shape[2]
+    act_desc = w2_desc = None
+    if cfg.tma:
+        act_desc = _tma_view(act, align.block_m, cfg.down_block_k)
+        w2_desc = _tma_view(w2, cfg.down_block_n, cfg.down_block_k)
+        if act_desc is None or w2_desc is None:
+            act_desc = w2_desc = None
     _down_grouped_kernel[(align.num_blocks * triton.cdiv(hidden_size, cfg.down_block_n),)](
         act,
         w2,
+        act_desc,
+        w2_desc,
         align.sorted_pairs,
         align.block_expert,
         topk_weights,
@@ -430,6 +462,7 @@ def grouped_down(
         BLOCK_K=cfg.down_block_k,
         EVEN_K=inter_size % cfg.down_block_k == 0,
         ATOMIC=cfg.combine == "atomic",
+        USE_TMA=w2_desc is not None,
         num_warps=cfg.down_warps,
         num_stages=cfg.down_stages,
     )
@@ -448,11 +481,11 @@ def sum_topk(
         topk_ids,
         out,
         num_tokens,
-        topk_ids.shape[1],
         num_experts,
         expert_offset,
         hidden_size,
         out.stride(0),
+        TOP_K=topk_ids.shape[1],
         BLOCK_T=block_t,
         BLOCK_H=block_h,
         num_warps=4,

@@ -1,5 +1,6 @@
 """Token-to-expert alignment for the grouped MoE GEMMs: sort (token, slot) pairs by expert, pad
-each expert's group to a multiple of the GEMM's block size. One Triton launch, no host sync.
+each expert's group to a multiple of the GEMM's block size. A stable counting sort in one Triton
+launch (up to CHUNK pairs) or two, with no atomics and no host sync.
 
 The output buffers are sized for the worst case (every expert's group padded), known on the host
 from T, K, E and the block size alone, so the GEMMs can be launched (and CUDA-graph captured)
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from engine.kernels._moe_align import _moe_align_kernel
+from engine.kernels._moe_align import _moe_count_kernel, _moe_place_kernel
 
 ScratchAllocator = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
 
@@ -71,28 +72,34 @@ def moe_align(
         raise ValueError(f"num_experts must be positive, got {num_experts}")
     num_pairs = topk_ids.numel()
     num_blocks = max_num_blocks(num_pairs, num_experts, block_m)
-    num_rows = num_blocks * block_m
     device = topk_ids.device
     e_pow2 = max(16, triton.next_power_of_2(num_experts))
-    sorted_pairs = scratch((num_rows,), torch.int32, device)
+    # A chunk's one-hot [CHUNK, E_POW2] and its running count live in registers: keep them ~64 a thread.
+    chunk = max(16, min(256, 8192 // e_pow2))
+    num_chunks = max(1, triton.cdiv(num_pairs, chunk))
+    sorted_pairs = scratch((num_blocks * block_m,), torch.int32, device)
     block_expert = scratch((num_blocks,), torch.int32, device)
-    cursor = scratch((e_pow2,), torch.int32, device)
-    # Work per loop step: enough pairs to keep 8 warps busy, fewer for tiny inputs.
-    chunk = min(max(triton.next_power_of_2(max(num_pairs, num_rows)), 128), 2048)
-    _moe_align_kernel[(1,)](
+    chunk_counts = scratch((num_chunks, e_pow2), torch.int32, device)
+    if num_chunks > 1:
+        _moe_count_kernel[(num_chunks,)](
+            topk_ids, chunk_counts, num_pairs, num_experts, expert_offset, E_POW2=e_pow2, CHUNK=chunk, num_warps=4
+        )
+    _moe_place_kernel[(num_chunks,)](
         topk_ids,
+        chunk_counts,
         sorted_pairs,
         block_expert,
-        cursor,
         num_pairs,
+        num_chunks,
         num_experts,
         expert_offset,
-        num_rows,
         num_blocks,
         BLOCK_M=block_m,
         E_POW2=e_pow2,
         CHUNK=chunk,
+        COUNT_ROWS=max(1, min(64, 4096 // e_pow2)),
         BLOCK_CHUNK=max(16, min(128, 8192 // e_pow2)),
+        SINGLE_CHUNK=num_chunks == 1,
         num_warps=8,
     )
     return MoeAlignment(sorted_pairs=sorted_pairs, block_expert=block_expert, block_m=block_m, num_pairs=num_pairs)

@@ -5,16 +5,21 @@
 
 For the routed experts of one MoE layer -- text (H 2560, 64 experts, top-6, I 1536) and the VL
 vision experts (I 512) -- and T = 1, 2, 4, ..., 16384 bf16 tokens with uniformly random routing,
-it reports the median time (`triton.testing.do_bench`, L2 flushed before every run; also a CUDA
-graph replay for small T), TFLOP/s, GB/s of (touched experts' weights + activations in and out),
-% of the copy bandwidth and bf16 matmul rate measured in the same run (and of the nominal H100
-3.35 TB/s), the alignment kernel alone, and baselines from the same run: `fused_moe_ref` and
-`torch._grouped_mm` where it exists. It writes `fused_moe_bench_<gpu>.json` and `.md` to --out.
+it reports:
+  * the median time (CUDA events, L2 flushed by a 256 MB read before every run), and for small T
+    the time per call of a replayed CUDA graph of 4 calls (how decode runs it);
+  * TFLOP/s; GB/s of (touched experts' weights + activations in and out);
+  * % of the copy bandwidth and of the bf16 matmul rate measured in the same run, and of the
+    nominal H100 3.35 TB/s;
+  * the alignment kernel alone;
+  * baselines from the same run: `fused_moe_ref` and `torch._grouped_mm` where it exists.
+It writes `fused_moe_bench_<gpu>.json` and `.md` to --out.
 
 --tune first searches launch configs per token count (each stage timed alone: the pairs plan's
-GEMVs, and for each block_m the alignment, both grouped GEMMs and the combine), keeps the fastest
-plan, and writes `fused_moe_<gpu>.json` for `engine/kernels/configs/` into --config-out (and the
-timing of every candidate into --out). Candidates are compiled in parallel processes first.
+GEMVs, and for each block_m the alignment, both grouped GEMMs and the combine), then times the
+best plans as whole calls and keeps the fastest; it writes `fused_moe_<gpu>.json` for
+`engine/kernels/configs/` into --config-out (and every candidate's timing into --out).
+Candidates are compiled in parallel processes first.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 from engine.kernels.fused_moe import (
     FusedMoeConfig,
@@ -79,6 +83,10 @@ PAIRS_TILES = [
     (16, 512, 8),
     (32, 128, 4),
     (32, 256, 8),
+    (2, 1024, 4),
+    (4, 1024, 4),
+    (4, 1024, 8),
+    (8, 1024, 8),
 ]
 # grouped GEMM tiles: (block_n, block_k, warps, stages), kept per block_m where they fit (see _fits)
 GROUPED_TILES = [
@@ -96,8 +104,9 @@ GROUPED_TILES = [
     (64, 128, 8, 3),
     (128, 128, 8, 3),
     (256, 64, 8, 3),
+    (256, 64, 8, 4),
 ]
-SMEM_LIMIT = 220 * 1024  # of the H100's 227 KB per block
+SMEM_LIMIT = 226 * 1024  # of the H100's 227 KB per block (Triton adds a few barriers)
 GROUP_M_CHOICES = [1, 4, 8, 16, 32]
 MAX_CANDIDATES: int | None = None  # --max-candidates
 
@@ -155,9 +164,41 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+_L2_FLUSH: list[torch.Tensor] = []
+
+
+def flush_l2() -> None:
+    """Evicts L2 by reading 256 MB. (do_bench's flush writes instead, which leaves ~50 MB of dirty
+    lines that the timed kernel then pays to write back -- 10-20 µs on a 50 µs kernel.)"""
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.ones(64 << 20, dtype=torch.float32, device=DEVICE))
+    _L2_FLUSH[0].amax()
+
+
 def median_ms(fn: Callable[[], Any], warmup_ms: float = 5, rep_ms: float = 20) -> float:
+    """Median device time of fn() (CUDA events around each call), L2 flushed before every call."""
     if DEVICE == "cuda":
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+        for _ in range(min(200, max(1, int(warmup_ms / estimate_ms)))):
+            fn()
+        num_reps = min(500, max(5, int(rep_ms / estimate_ms)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(num_reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(num_reps)]
+        for i in range(num_reps):
+            flush_l2()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))[num_reps // 2]
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -199,6 +240,14 @@ def measure_peaks() -> dict[str, float]:
     a = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
     b = torch.randn(n, n, device=DEVICE, dtype=DTYPE)
     mm_s = median_ms(lambda: a @ b, rep_ms=300) / 1e3
+    if DEVICE == "cuda":  # also back to back, as matmul peaks are usually quoted
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        mm_s = min(mm_s, start.elapsed_time(end) / 50 / 1e3)
     return {
         "copy_bytes_per_s": 2 * num_bytes / copy_s,  # read + write
         "matmul_flop_per_s": 2 * n**3 / mm_s,
@@ -264,7 +313,7 @@ def _fits(block_m: int, tile: tuple[int, int, int, int], down: bool) -> bool:
         smem <= SMEM_LIMIT
         and acc_regs <= 128
         and (warps == 4 if small_m else warps == 8 or block_m == 64)
-        and (block_n <= 128 or (down and not small_m))
+        and (block_n <= 128 or not small_m)
     )
 
 
@@ -282,13 +331,21 @@ def grouped_configs(block_m: int, *, down: bool) -> list[FusedMoeConfig]:
             down_block_k=k,
             down_warps=w,
             down_stages=s,
+            tma=tma,
         )
+        for tma in (False, True)
         for n, k, w, s in tiles
     ][:MAX_CANDIDATES]
 
 
 def up_part(cfg: FusedMoeConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k.startswith("up_")}
+
+
+def combined(path: str, up: FusedMoeConfig, down: FusedMoeConfig, **extra: Any) -> FusedMoeConfig:
+    """One config from the best gate/up and the best down candidates. `tma` is one switch for both
+    GEMMs: keep it if either wanted it; the whole-call comparison also sees the plan without it."""
+    return FusedMoeConfig(path=path, **up_part(up), **down_part(down), tma=up.tma or down.tma, **extra)
 
 
 def down_part(cfg: FusedMoeConfig) -> dict[str, Any]:
@@ -387,7 +444,7 @@ def tune_one(problem: Problem, num_tokens: int, log: list[dict[str, Any]]) -> tu
             down_ms, down_cfg, combine = fused_ms, fused_cfg, "fused"
         else:
             down_ms, down_cfg, combine = rows_ms + sum_ms, rows_cfg, "sum"
-        cfg = FusedMoeConfig(path="pairs", combine=combine, **up_part(up_cfg), **down_part(down_cfg))
+        cfg = combined("pairs", up_cfg, down_cfg, combine=combine)
         plans.append((up_ms + down_ms, cfg))
 
     for block_m in block_m_candidates(num_tokens, shape):
@@ -433,15 +490,21 @@ def tune_one(problem: Problem, num_tokens: int, log: list[dict[str, Any]]) -> tu
         combine, combine_ms = (
             ("atomic", atomic_ms) if atomic_ms < 0.97 * (down_ms + sum_ms) else ("sum", down_ms + sum_ms)
         )
-        cfg = FusedMoeConfig(path="grouped", block_m=block_m, combine=combine, **up_part(up_cfg), **down_part(down_cfg))
+        cfg = combined("grouped", up_cfg, down_cfg, block_m=block_m, combine=combine)
         plans.append((align_ms + up_ms + combine_ms, cfg))
+        if up_cfg.tma != down_cfg.tma:
+            plans.append((align_ms + up_ms + combine_ms, replace(cfg, tma=False)))
 
-    # Stage timings leave out launch gaps and the plans differ in launch count: time whole calls.
+    # Stage timings leave out launch gaps and the plans differ in launch count: time whole calls,
+    # from a CUDA graph where decode would run them so (eager timings there measure the CPU).
     w13, w2 = problem.w13, problem.w2
     measured = []
     for predicted_ms, cfg in plans:
         calls = [lambda w=w, i=i, c=cfg: fused_moe(hidden, w13, w2, w, i, config=c) for w, i in routings]
-        ms = median_ms(rotating(calls), warmup_ms=2, rep_ms=10)
+        if num_tokens <= GRAPH_MAX_TOKENS and DEVICE == "cuda":
+            ms = graph_ms(calls)
+        else:
+            ms = median_ms(rotating(calls), warmup_ms=2, rep_ms=10)
         measured.append((ms, cfg))
         log.append(
             {

@@ -42,9 +42,9 @@ def random_topk_ids(
     num_tokens: int, top_k: int, candidates: list[int], generator: torch.Generator, device: str
 ) -> torch.Tensor:
     """[T, K] int64: per token, K distinct experts drawn from `candidates`."""
-    scores = torch.rand(num_tokens, len(candidates), generator=generator)
+    scores = torch.rand(num_tokens, len(candidates), generator=generator, device=device)
     picks = scores.topk(top_k, dim=1).indices
-    return torch.tensor(candidates)[picks].to(device)
+    return torch.tensor(candidates, device=device)[picks]
 
 
 def make_moe_inputs(
@@ -62,22 +62,22 @@ def make_moe_inputs(
     ids_dtype: torch.dtype = torch.int64,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Random inputs (fp32 masters, cast to `dtype`) for one routed-expert layer."""
-    generator = torch.Generator().manual_seed(seed)
+    """Random inputs (fp32 masters, cast to `dtype`) for one routed-expert layer, made on `device`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     num_global_experts = num_global_experts or num_experts + expert_offset
     candidates = used_experts if used_experts is not None else list(range(num_global_experts))
-    hidden = torch.randn(num_tokens, hidden_size, generator=generator)
-    w13 = torch.randn(num_experts, 2 * inter_size, hidden_size, generator=generator) / hidden_size**0.5
-    w2 = torch.randn(num_experts, hidden_size, inter_size, generator=generator) / inter_size**0.5
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator, device=device)
+    w13 = torch.randn(num_experts, 2 * inter_size, hidden_size, generator=generator, device=device) / hidden_size**0.5
+    w2 = torch.randn(num_experts, hidden_size, inter_size, generator=generator, device=device) / inter_size**0.5
     topk_ids = random_topk_ids(num_tokens, top_k, candidates, generator, device)
-    topk_weights = torch.rand(num_tokens, top_k, generator=generator).to(device)
+    topk_weights = torch.rand(num_tokens, top_k, generator=generator, device=device)
     local = (topk_ids >= expert_offset) & (topk_ids < expert_offset + num_experts)
     # Slots another rank owns must not be read at all: their weights are NaN.
     topk_weights = torch.where(local, topk_weights, torch.full_like(topk_weights, float("nan")))
     return {
-        "hidden": hidden.to(device=device, dtype=dtype),
-        "w13": w13.to(device=device, dtype=dtype),
-        "w2": w2.to(device=device, dtype=dtype),
+        "hidden": hidden.to(dtype),
+        "w13": w13.to(dtype),
+        "w2": w2.to(dtype),
         "topk_weights": topk_weights.to(dtype),
         "topk_ids": topk_ids.to(ids_dtype).contiguous(),
     }
@@ -161,37 +161,27 @@ def run_align_case(
     seed: int = 0,
 ) -> dict[str, Any]:
     """moe_align's layout, checked against a recount on the host; returns the block count used."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     num_global_experts = num_global_experts or num_experts + expert_offset
     candidates = used_experts if used_experts is not None else list(range(num_global_experts))
     topk_ids = random_topk_ids(num_tokens, top_k, candidates, generator, device)
     align = moe_align(topk_ids, num_experts, block_m, expert_offset=expert_offset, scratch=poisoned_scratch)
     num_pairs = topk_ids.numel()
-    local = (topk_ids.flatten() - expert_offset).cpu()
+    local = (topk_ids.flatten() - expert_offset).tolist()
     sorted_pairs = align.sorted_pairs.cpu().tolist()
     block_expert = align.block_expert.cpu().tolist()
 
-    counts = [int((local == e).sum()) for e in range(num_experts)]
-    used_blocks = sum(-(-c // block_m) for c in counts)
+    pairs_of = [[p for p in range(num_pairs) if local[p] == e] for e in range(num_experts)]  # in pair order
+    used_blocks = sum(-(-len(pairs) // block_m) for pairs in pairs_of)
     assert block_expert[:used_blocks] == sorted(block_expert[:used_blocks]), block_expert
     assert all(b == -1 for b in block_expert[used_blocks:]), block_expert
-    seen = []
+    rows_of: list[list[int]] = [[] for _ in range(num_experts)]
     for b in range(used_blocks):
-        expert = block_expert[b]
-        assert 0 <= expert < num_experts, (b, expert)
-        for pair in sorted_pairs[b * block_m : (b + 1) * block_m]:
-            assert 0 <= pair <= num_pairs, (b, pair)
-            if pair < num_pairs:
-                assert local[pair] == expert, (b, pair, int(local[pair]), expert)
-                seen.append(pair)
-    expected = [p for p in range(num_pairs) if 0 <= local[p] < num_experts]
-    assert sorted(seen) == expected, "each local pair must appear exactly once"
-    for e in range(num_experts):  # pairs first, then padding, within each expert's rows
-        rows = [
-            sorted_pairs[b * block_m + r] for b in range(used_blocks) if block_expert[b] == e for r in range(block_m)
-        ]
-        assert all(p < num_pairs for p in rows[: counts[e]]), (e, rows)
-        assert all(p == num_pairs for p in rows[counts[e] :]), (e, rows)
+        assert 0 <= block_expert[b] < num_experts, (b, block_expert[b])
+        rows_of[block_expert[b]] += sorted_pairs[b * block_m : (b + 1) * block_m]
+    for e, pairs in enumerate(pairs_of):
+        # the expert's pairs in their original order (a stable sort), then padding
+        assert rows_of[e] == pairs + [num_pairs] * (len(rows_of[e]) - len(pairs)), (e, rows_of[e], pairs)
     return {"used_blocks": used_blocks, "num_blocks": align.num_blocks}
 
 
@@ -207,10 +197,10 @@ def run_route_case(
     seed: int = 0,
 ) -> dict[str, Any]:
     """route vs route_ref: ids must match wherever the k-th and (k+1)-th scores are not a near tie."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, hidden_size, generator=generator).to(device=device, dtype=getattr(torch, dtype))
-    gate = (torch.randn(num_experts, hidden_size, generator=generator) / hidden_size**0.25).to(device)
-    bias = (torch.rand(num_experts, generator=generator) * 0.1).to(device) if with_bias else None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(num_tokens, hidden_size, generator=generator, device=device).to(getattr(torch, dtype))
+    gate = torch.randn(num_experts, hidden_size, generator=generator, device=device) / hidden_size**0.25
+    bias = torch.rand(num_experts, generator=generator, device=device) * 0.1 if with_bias else None
     weights, ids = route(hidden, gate, bias, top_k)
     ref_weights, ref_ids = route_ref(hidden, gate, bias, top_k)
     # near ties may legitimately pick differently: compare those tokens' sets of scores only

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from engine.kernels.fused_moe import FusedMoeConfig, default_config, fused_moe, get_config
+from engine.kernels.fused_moe import FusedMoeConfig, _tma_view, default_config, fused_moe, get_config
 from tests.engine.kernels.interpreter_worker import InterpreterWorker
 
 CASES = "tests.engine.kernels.moe_cases"
@@ -47,6 +47,8 @@ GROUPED_CASES = [
     pytest.param(7, 64, 6, 72, 40, dict(path="grouped", block_m=16, **SMALL_TILES), id="T7-E64-k6-oddHI"),
     pytest.param(255, 8, 2, 72, 40, dict(path="grouped", block_m=32, **SMALL_TILES), id="T255-E8-k2-oddHI"),
     pytest.param(255, 64, 6, 64, 32, dict(path="grouped", block_m=16, **SMALL_TILES), id="T255-E64-k6"),
+    pytest.param(7, 64, 6, 72, 40, dict(path="grouped", block_m=16, tma=True, **SMALL_TILES), id="T7-E64-k6-oddHI-tma"),
+    pytest.param(255, 64, 6, 64, 32, dict(path="grouped", block_m=32, tma=True, **SMALL_TILES), id="T255-E64-k6-tma"),
     pytest.param(
         1023,
         8,
@@ -126,8 +128,13 @@ def test_experts_without_tokens_and_int32_ids(interpreter, config):
 
 @pytest.mark.parametrize(
     ("config", "num_tokens"),
-    [(PAIRS, 7), (PAIRS_FUSED, 7), (dict(path="grouped", block_m=16, **SMALL_TILES), 255)],
-    ids=["pairs", "pairs-fused", "grouped"],
+    [
+        (PAIRS, 7),
+        (PAIRS_FUSED, 7),
+        (dict(path="grouped", block_m=16, **SMALL_TILES), 255),
+        (dict(path="grouped", block_m=16, tma=True, **SMALL_TILES), 255),
+    ],
+    ids=["pairs", "pairs-fused", "grouped", "grouped-tma"],
 )
 @pytest.mark.parametrize("expert_offset", [0, 16, 48])
 def test_expert_offset_keeps_only_the_local_slice(interpreter, config, num_tokens, expert_offset):
@@ -163,8 +170,9 @@ def test_slice_that_no_token_picks_gives_zeros(interpreter):
     assert result["finite"] and result["ref_norm"] == 0.0 and result["rel_err"] == 0.0, result
 
 
-def test_atomic_combine_matches_reference(interpreter):
-    config = dict(path="grouped", block_m=16, combine="atomic", **SMALL_TILES)
+@pytest.mark.parametrize("tma", [False, True])
+def test_atomic_combine_matches_reference(interpreter, tma):
+    config = dict(path="grouped", block_m=16, combine="atomic", tma=tma, **SMALL_TILES)
     result = interpreter.call(
         f"{CASES}:run_fused_moe_case",
         num_tokens=33,
@@ -307,6 +315,15 @@ def test_fused_moe_rejects_bad_expert_offset_and_config():
         FusedMoeConfig(path="pairs", combine="atomic")
 
 
+def test_tma_descriptors_only_where_tma_can_address_the_tensor():
+    w = torch.empty(4, 48, 64, dtype=torch.bfloat16)
+    desc = _tma_view(w, 16, 32)
+    assert desc is not None and desc.shape == [4 * 48, 64] and desc.block_shape == [16, 32]
+    assert _tma_view(torch.empty(4, 48, 68, dtype=torch.bfloat16), 16, 32) is None  # 136-byte rows
+    assert _tma_view(torch.empty(5, 48, 64, dtype=torch.bfloat16)[::2], 16, 32) is None  # experts spaced apart
+    assert _tma_view(torch.empty(4 * 48 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 48, 64), 16, 32) is None
+
+
 def test_config_lookup_falls_back_for_unknown_gpus_and_the_interpreter():
     assert get_config(1, 2560, 1536, 64, 6, torch.bfloat16, "Imaginary GPU 9000").path == "pairs"
     assert get_config(4096, 2560, 1536, 64, 6, torch.bfloat16, "Imaginary GPU 9000").block_m == 128
@@ -342,8 +359,23 @@ def test_gpu_real_shape_tuned_config(num_tokens):
         (33, PAIRS_FUSED | dict(up_block_n=16, up_block_k=256, down_block_n=16, down_block_k=256)),
         (1, dict(path="grouped", block_m=16, up_block_n=64, up_block_k=128, down_block_n=64, down_block_k=128)),
         (255, dict(path="grouped", block_m=32, up_block_n=64, up_block_k=64, down_block_n=128, down_block_k=64)),
+        (255, dict(path="grouped", block_m=32, up_block_n=64, up_block_k=64, down_block_n=128, tma=True)),
         (1023, dict(path="grouped", block_m=64, combine="atomic")),
+        (1023, dict(path="grouped", block_m=64, combine="atomic", tma=True)),
         (1023, dict(path="grouped", block_m=128, up_block_n=128, down_block_n=128, up_warps=8, down_warps=8)),
+        (
+            4096,
+            dict(
+                path="grouped",
+                block_m=128,
+                up_block_n=128,
+                down_block_n=256,
+                up_warps=8,
+                down_warps=8,
+                up_stages=4,
+                tma=True,
+            ),
+        ),
     ],
 )
 def test_gpu_real_shape_each_path(num_tokens, config):
@@ -355,8 +387,17 @@ def test_gpu_real_shape_each_path(num_tokens, config):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("num_tokens", [1, 7, 255, 1023])
-@pytest.mark.parametrize("path", ["pairs", "pairs-fused", "grouped"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    ("path", "dtype"),
+    [
+        ("pairs", "bfloat16"),
+        ("pairs-fused", "bfloat16"),
+        ("grouped", "bfloat16"),
+        ("grouped-tma", "bfloat16"),
+        ("pairs-fused", "float16"),
+        ("grouped-tma", "float16"),
+    ],
+)
 def test_gpu_odd_sizes_and_expert_offset(num_tokens, path, dtype):
     from tests.engine.kernels.moe_cases import run_fused_moe_case
 
@@ -365,7 +406,7 @@ def test_gpu_odd_sizes_and_expert_offset(num_tokens, path, dtype):
             up_block_n=16, up_block_k=128, down_block_n=16, down_block_k=128
         )
     else:
-        config = dict(path="grouped", block_m=16 if num_tokens < 64 else 64, **SMALL_TILES)
+        config = dict(path="grouped", block_m=16 if num_tokens < 64 else 64, tma=path.endswith("tma"), **SMALL_TILES)
     for offset in (0, 8):
         result = run_fused_moe_case(
             num_tokens=num_tokens,
