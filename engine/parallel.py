@@ -257,9 +257,9 @@ class ExpertParallel:
         self.group.allreduce([tensor]).wait()
         return tensor
 
-    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
-        """Overwrite `tensor` with rank `src`'s, in place; returns it."""
-        self.group.broadcast(tensor, src).wait()
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        """Overwrite `tensor` with rank 0's, in place; returns it."""
+        self.group.broadcast([tensor]).wait()  # the default options: root rank 0
         return tensor
 
     def all_gather(self, tensor: Tensor) -> Tensor:
