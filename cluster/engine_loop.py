@@ -45,6 +45,8 @@ class EngineLoop:
         # latest without waiting for the engine. Replaced whole, never mutated: safe to read.
         self.snapshot_fn: Callable[[LLMEngine], object] | None = None
         self.snapshot: object | None = None
+        # Told about every step: (seconds, batch size, whether it computed prompt tokens).
+        self.step_listeners: list[Callable[[float, int, bool], None]] = []
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -115,6 +117,10 @@ class EngineLoop:
             outputs = self._fail_running()
         self.last_step_seconds = time.perf_counter() - start
         self.num_steps += 1
+        stats = self.engine.scheduler.stats
+        is_prefill = stats.last_num_batched_tokens > stats.last_batch_size
+        for listener in self.step_listeners:
+            listener(self.last_step_seconds, stats.last_batch_size, is_prefill)
         for output in outputs:
             sink = self.sinks.get(output.request_id)
             if output.finished:

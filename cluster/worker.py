@@ -33,8 +33,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from cluster import metrics
 from cluster.engine_loop import EngineLoop
 from cluster.kv_transport import KVSpec, PeerRef, TransportConfig, make_transport
+from cluster.metrics import WorkerMetrics, WorkerSnapshot
 from cluster.registry import Heartbeater, make_registry
 from cluster.role_support import RoleError, on_engine
 from decode.role import DecodeRole
@@ -72,6 +74,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_model_len: int | None = 4096
     registry: str = ""  # grpc://ROUTER (embedded store) or redis://host:port; "" = no registry
+    metrics_port: int = 0  # /metrics (0: pick a free port)
     heartbeat_interval_s: float = 0.5
     registry_ttl_s: float = 3.0
 
@@ -110,10 +113,42 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.heartbeater: Heartbeater | None = None
         self._switching = asyncio.Lock()
         self.num_role_switches = 0
+        self.metrics = WorkerMetrics(config.model, config.worker_id, self._metrics_snapshot)
+        self.metrics_port = 0
+        self.loop.step_listeners.append(self.metrics.observe_step)
+        self.prefill_role.on_transfer = self.metrics.observe_transfer
 
     def bind(self, address: str) -> None:
         self.address = address
         self.decode_role = DecodeRole(self.loop, self.transport, self.ref())
+        self.decode_role.on_transfer = self.metrics.observe_transfer
+
+    def _metrics_snapshot(self) -> WorkerSnapshot:
+        """Read at scrape time on the metrics thread: counters only grow, gauges are a moment's."""
+        engine = self.engine
+        blocks = engine.block_stats()
+        stats = engine.scheduler.stats
+        transport = self.transport.stats()
+        return WorkerSnapshot(
+            role=ROLE_NAMES[self.role],
+            role_epoch=self.role_epoch,
+            running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting),
+            kv_blocks_used=blocks.num_used,
+            kv_blocks_cached=blocks.num_cached,
+            kv_blocks_total=blocks.num_total,
+            prefix_queries=blocks.prefix_queries,
+            prefix_hits=blocks.prefix_hits,
+            prompt_tokens=stats.num_prompt_tokens,
+            generation_tokens=stats.num_generation_tokens,
+            preemptions=stats.num_preemptions,
+            transfers_active=transport.num_active,
+            transfer_bytes_sent=transport.bytes_sent,
+            transfer_bytes_received=transport.bytes_received,
+            transfer_failures=dict(transport.num_failed),
+            requests_finished=dict(stats.finished_by_reason),
+            routed_tokens=[m.routed_token_counts.tolist() for m in engine.loaded.model.moe_layers()],
+        )
 
     def info(self) -> common_pb2.WorkerInfo:
         host, _, port = self.address.rpartition(":")
@@ -131,6 +166,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             model_id=self.config.model,
             num_ranks=1,
             state=self.state,
+            metrics_port=self.metrics_port,
         )
 
     async def registry_record(self) -> registry_pb2.WorkerRecord:
@@ -263,6 +299,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.state = common_pb2.WORKER_STATE_READY
             await self.publish()
             log.warning("role switch %s -> %s rolled back: still busy", old, ROLE_NAMES[target])
+            self.metrics.observe_flip(old, ROLE_NAMES[target], "drain_timeout", time.monotonic() - start)
             return worker_pb2.SET_ROLE_RESULT_DRAIN_TIMEOUT, "work did not drain in time; role unchanged"
         self.state = common_pb2.WORKER_STATE_COMMITTING
         self.role = target
@@ -271,6 +308,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.num_role_switches += 1
         await self.publish()
         seconds = time.monotonic() - start
+        self.metrics.observe_flip(old, ROLE_NAMES[target], "ok", seconds)
         log.info(
             "role switch %s -> %s committed at epoch %d in %.2f s", old, ROLE_NAMES[target], self.role_epoch, seconds
         )
@@ -341,6 +379,7 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
     service.bind(f"{config.host}:{port}")
+    service.metrics_port = metrics.serve(service.metrics.registry, config.host, config.metrics_port)
     await server.start()
     local = service.transport.local
     ready = {
@@ -349,6 +388,7 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
         "role": config.role,
         "grpc_address": service.address,
         "kv_store": f"{local.host}:{local.port}",
+        "metrics_address": f"{config.host}:{service.metrics_port}",
         "pid": os.getpid(),
         "model": config.model,
         "model_hash": engine.runtime.model_hash,
@@ -396,6 +436,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--registry", default="", help="grpc://ROUTER_HOST:PORT (embedded) or redis://host:port")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: pick a free one)")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -417,6 +458,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         registry=args.registry,
+        metrics_port=args.metrics_port,
     )
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -64,6 +64,7 @@ class DecodeRole:
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
         self.num_transfer_failures = 0
+        self.on_transfer: Callable[[str, float], None] | None = None  # (direction, seconds), for metrics
 
     async def close(self) -> None:
         for channel, _ in self._peers.values():
@@ -173,14 +174,18 @@ class DecodeRole:
             response = await call
             result = await wait_transfer(future)
         except grpc.aio.AioRpcError as exc:
+            # ABORTED (retryable) says "the prefill side failed": the router retries with another
+            # prefill worker and keeps this decode worker in rotation.
             future.cancel()
             raise RoleError(
-                grpc.StatusCode.UNAVAILABLE, f"prefill on {peer.worker_id} failed: {exc.code().name}: {exc.details()}"
+                grpc.StatusCode.ABORTED, f"prefill on {peer.worker_id} failed: {exc.code().name}: {exc.details()}"
             ) from None
         except KVTransferError as exc:
             self.num_transfer_failures += 1
-            raise transfer_error_status(exc) from None
+            raise RoleError(grpc.StatusCode.ABORTED, transfer_error_status(exc).message) from None
         self.num_remote_prefills += 1
+        if self.on_transfer is not None:
+            self.on_transfer("recv", result.elapsed_s)
         token = SampledToken(
             response.first_token_id,
             logprobs_from_proto(response.first_token_logprobs) if response.HasField("first_token_logprobs") else None,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -36,6 +37,7 @@ class PrefillRole:
         self._active: dict[str, tuple[Request, str, asyncio.Task]] = {}
         self.num_prefills = 0
         self.num_transfer_failures = 0
+        self.on_transfer: Callable[[str, float], None] | None = None  # (direction, seconds), for metrics
 
     async def prefill(self, msg: worker_pb2.PrefillRequest, context) -> worker_pb2.PrefillResponse:
         spec = msg.request
@@ -93,7 +95,10 @@ class PrefillRole:
             peer, transfer_id, request.block_ids[num_skip:], num_tokens - num_skip * block_size
         )
         try:
-            return await wait_transfer(future)
+            result = await wait_transfer(future)
+            if self.on_transfer is not None:
+                self.on_transfer("send", result.elapsed_s)
+            return result
         except KVTransferError as exc:
             self.num_transfer_failures += 1
             raise transfer_error_status(exc) from None

@@ -307,10 +307,15 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                 if code not in RETRYABLE or attempts >= self.config.max_attempts:
                     raise RequestError(code, exc.details() or code.name) from None
                 log.warning("request %s failed on %s (%s); retrying", req.request_id, decode.address, code.name)
-                self.pool.suspend(decode)
-                excluded.add(decode.address)
-                if prefill and not tokens:
+                if code == grpc.StatusCode.ABORTED and prefill is not None:
+                    # The decode worker says its prefill peer (or the KV transfer) failed.
+                    self.pool.suspend(prefill)
                     excluded.add(prefill.address)
+                else:
+                    self.pool.suspend(decode)
+                    excluded.add(decode.address)
+                    if prefill and not tokens:
+                        excluded.add(prefill.address)
                 if tokens:
                     self.num_migrations += 1
                 else:

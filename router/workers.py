@@ -194,7 +194,15 @@ class WorkerPool:
         return min(candidates, key=lambda h: (h.report.num_queued_prefill_tokens + 1) * (1 + h.num_inflight))
 
     def has_decode_capacity(self) -> bool:
-        return any(h.available and h.report.role in DECODE_ROLES for h in self.workers.values())
+        """A decode-capable worker is up (a short suspension after a failure does not count as down)."""
+        return any(
+            h.reachable
+            and h.report is not None
+            and h.report.role in DECODE_ROLES
+            and h.report.state == common_pb2.WORKER_STATE_READY
+            and not (h.ttl_s and time.monotonic() - h.last_seen > h.ttl_s)
+            for h in self.workers.values()
+        )
 
 
 def _decode_load(handle: WorkerHandle) -> tuple[float, float]:

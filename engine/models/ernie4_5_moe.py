@@ -190,6 +190,9 @@ class SparseMoE(nn.Module):
         self.route_fn = backends.route
         self.experts_fn = backends.experts
         self.combine: MoECombine | None = None
+        # Tokens routed to each expert since start (for expert-load metrics). Updated on device with
+        # a scatter-add (no host sync); read only when metrics are scraped.
+        self.register_buffer("routed_token_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.combine is not None:
@@ -205,7 +208,12 @@ class SparseMoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(topk_weights [T, k] in x's dtype, topk_ids [T, k] global expert ids) over all experts."""
-        return self.route_fn(x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min)
+        topk_weights, topk_ids = self.route_fn(
+            x, self.gate_weight, self.e_score_correction_bias, self.top_k, self.norm_min
+        )
+        ids = topk_ids.reshape(-1)
+        self.routed_token_counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.long))
+        return topk_weights, topk_ids
 
     def experts(self, x: Tensor, topk_weights: Tensor, topk_ids: Tensor) -> Tensor:
         """Weighted sum over the (token, slot) pairs whose expert this module holds; others add nothing."""
