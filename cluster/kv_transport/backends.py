@@ -71,16 +71,11 @@ class CommOps(abc.ABC):
 
     @abc.abstractmethod
     def wait(self, work: Any, deadline: float, is_dead: Callable[[], bool]) -> None:
-        """Host-wait for `work`; raise CommError on failure, deadline or a peer-dropped group."""
+        """Host-wait for `work`; raise CommError on failure, deadline or a peer-dropped group.
 
-    def wait_for_reuse(self, work: Any, deadline: float, is_dead: Callable[[], bool]) -> bool:
-        """Make the next write to `work`'s buffer wait until `work` is done with it.
-
-        Returns True when that was a host wait, after which `work` must not be waited on again
-        (a gloo work counts completions: a second wait would wait for one that never comes).
+        Afterwards work issued on this thread's stream is ordered after `work`. Wait once per
+        work (a gloo work counts completions: a second wait waits for one that never comes).
         """
-        self.wait(work, deadline, is_dead)
-        return True
 
     can_poll = False  # whether `poll` can tell completion without blocking
 
@@ -173,10 +168,6 @@ class NcclOps(CommOps):
             raise
         except RuntimeError as exc:
             raise CommError(FailureReason.PEER_GONE, f"nccl: {_first_line(exc)}") from exc
-
-    def wait_for_reuse(self, work: Any, deadline: float, is_dead: Callable[[], bool]) -> bool:
-        work.wait()  # the stream waits; the host does not
-        return False
 
     can_poll = True
 

@@ -181,9 +181,10 @@ class DistTransport(KVTransport):
             pair.close(FailureReason.ABORTED, "transport closed")
         for transfer in victims:
             transfer.fail(FailureReason.ABORTED, "transport closed")
-        for pair in pairs:
-            pair.thread.join(timeout=1.0)
-        self._watchdog.join(timeout=1.0)
+        deadline = time.monotonic() + 2.0  # threads stuck in a library call are daemons: leave them
+        for thread in [*(pair.thread for pair in pairs), self._watchdog]:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------------ PairHost
     def new_store_client(self) -> dist.Store:

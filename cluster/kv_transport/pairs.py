@@ -11,9 +11,11 @@ Pipelining (both sides, two staging buffers, chunk i uses buffer i % 2):
     receiver recv0 recv1   | [recv0 done] scatter0 recv2 | [recv1 done] scatter1 recv3 | ...
 
 On GPU every step is enqueued on the pair's stream (c10d runs NCCL on its own stream, ordered
-after ours at each call), so gathers and scatters overlap the wire. A receiver issues a scatter
-only after the host has seen its recv complete, so an issued scatter never waits on the network
-(what makes `cancel()` safe to return at once; see `transfer.py`).
+after ours at each call), so gathers and scatters overlap the wire. The `[... done]` steps are
+host-confirmed: a gather or scatter is issued only once the send or recv it must follow has
+completed, so no kernel that touches the KV blocks ever waits on the network. That is what keeps
+`cancel()` immediate and bounded even with a dead peer (see `transfer.py`): the caller's compute
+stream may be made to wait for an issued gather, never for a peer.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ _IDLE_POP_S = 60.0  # an idle receiver re-arms its blocking pop this often (each
 # fails retryably and the pair rebuilds.
 _RECHECK_IDLE_S = 5.0
 _TAG_LIMIT = 1 << 30
+_POLL_S = 200e-6  # how often an idle sender polls its in-flight sends (NCCL)
+_DEAD_CHECK_S = 0.05  # how often a waiting side checks whether the peer dropped the group
 
 
 class PairHost(Protocol):
@@ -226,6 +230,8 @@ class SendPair(Pair):
             abort_group_async(self.host.ops, group)
 
     def _next(self) -> Transfer | None:
+        """The next transfer to start; meanwhile resolve in-flight ones as their sends complete."""
+        next_dead_check = time.monotonic() + _DEAD_CHECK_S
         while True:
             with self._cv:
                 while self._queue and self._queue[0].is_final:
@@ -238,7 +244,12 @@ class SendPair(Pair):
                 if not self._inflight:
                     self._cv.wait()
                     continue
-            self._reap_or_fail(block=True)  # nothing new to send: see the last transfers through
+                self._cv.wait(_POLL_S)  # woken early by a new transfer
+            self._reap_or_fail(block=False)
+            if self._inflight and time.monotonic() >= next_dead_check:
+                next_dead_check = time.monotonic() + _DEAD_CHECK_S
+                if self._is_dead():
+                    self._fail_group(CommError(FailureReason.PEER_GONE, "the receiver dropped the group"), None)
 
     def _run(self) -> None:
         while (transfer := self._next()) is not None:
@@ -398,8 +409,9 @@ class SendPair(Pair):
             slot = self._num_posted % 2
             view = kv_io.staging_view(buffers[slot], rows, chunk, num_blocks)
             previous = self._last_post[slot]
-            if previous is not None and not previous.done:
-                previous.done = ops.wait_for_reuse(previous.work, transfer.deadline, self._is_dead)
+            if previous is not None and not previous.done:  # host-confirmed: no gather waits on the wire
+                ops.wait(previous.work, transfer.deadline, self._is_dead)
+                previous.done = True
             with transfer.lock:
                 gathered = transfer.state is State.ACTIVE and events is not None
                 if gathered:

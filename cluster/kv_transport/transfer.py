@@ -8,9 +8,11 @@ The state changes only in `activate`, `complete` and `fail`, under `lock`. The p
 touches the blocks (gather / scatter) only while holding `lock` and seeing ACTIVE, and records
 the GPU event of that work in `last_event`. `fail` therefore fences: once it returns, no new
 block access will be issued, and issued ones are finished (receiver: host waits for the last
-scatter, which never waits on the network) or ordered before the caller's later work (sender:
-the caller's compute stream waits for the last gather). That is what lets a caller free the
-blocks the moment a future is done or `cancel()` returns.
+scatter) or ordered before the caller's later work (sender: the caller's compute stream waits
+for the last gather). Neither kernel ever waits on the network (pairs issue them only after the
+host saw the communication they follow complete), so the fence is bounded even with a dead
+peer. That is what lets a caller free the blocks the moment a future is done or `cancel()`
+returns.
 """
 
 from __future__ import annotations

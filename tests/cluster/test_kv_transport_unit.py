@@ -1,9 +1,12 @@
 """KV transport pieces in one process: gather/scatter, chunk plans, messages, futures, the fake
-transport, and two gloo transports talking over loopback (protocol edge cases)."""
+transport, and two gloo transports talking over loopback (protocol edge cases, and the sender's
+run-ahead path that NCCL takes, with gloo works made pollable)."""
 
 from __future__ import annotations
 
+import datetime
 import pickle
+import threading
 import time
 
 import pytest
@@ -19,7 +22,9 @@ from cluster.kv_transport import (
     make_transport,
     protocol,
 )
+from cluster.kv_transport import dist as dist_module
 from cluster.kv_transport.api import TransferFuture, TransferResult, validate_blocks
+from cluster.kv_transport.backends import CommError, GlooOps
 from cluster.kv_transport.fake import FakeHub
 
 pytestmark = pytest.mark.timeout(60)
@@ -253,3 +258,65 @@ def test_closing_a_transport_fails_its_open_transfers_with_aborted(gloo_pair):
     assert waiting.reason is FailureReason.ABORTED and stream.future.reason is FailureReason.ABORTED
     with pytest.raises(RuntimeError, match="closed"):
         decode.expect(prefill.local, "d", [1], 1)
+
+
+class _Waited:
+    """A gloo work waited on by a helper thread, so its completion can be polled like NCCL's."""
+
+    def __init__(self, work) -> None:
+        self.error: Exception | None = None
+        self.finished = threading.Event()
+        threading.Thread(target=self._wait, args=(work,), daemon=True).start()
+
+    def _wait(self, work) -> None:
+        try:
+            work.wait(datetime.timedelta(seconds=30))
+        except Exception as exc:
+            self.error = exc
+        self.finished.set()
+
+
+class PollingGlooOps(GlooOps):
+    """gloo with NCCL's waiting model: completions can be polled without blocking."""
+
+    can_poll = True
+
+    def send(self, group, tensor, tag):
+        return _Waited(super().send(group, tensor, tag))
+
+    def recv(self, group, tensor, tag):
+        return _Waited(super().recv(group, tensor, tag))
+
+    def poll(self, work) -> bool:
+        return work.finished.is_set()
+
+    def wait(self, work, deadline, is_dead) -> None:
+        if not work.finished.wait(max(0.0, deadline - time.monotonic())):
+            raise CommError(FailureReason.TIMEOUT, "deadline")
+        if work.error is not None:
+            raise CommError(FailureReason.PEER_GONE, str(work.error))
+
+
+def test_a_sender_that_can_poll_completions_runs_ahead_and_stays_bit_exact(monkeypatch):
+    monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: PollingGlooOps(device, config))
+    config = TransportConfig(chunk_bytes=1024, deadline_base_s=5.0, connect_timeout_s=5.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    try:
+        plan = [(f"t{i}", n, list(range(8 * i, 8 * i + -(-n // 4)))) for i, n in enumerate([1, 29, 4, 32, 13, 7])]
+        received = [decode.expect(prefill.local, tid, blocks, n) for tid, n, blocks in plan]
+        sent = [prefill.send(decode.local, tid, [63 - b for b in blocks], n) for tid, n, blocks in plan[:-1]]
+        tid, n, blocks = plan[-1]
+        stream = prefill.open_send(decode.local, tid, [63 - b for b in blocks], n)
+        for layer in (1, 0, 3, 2):
+            stream.layer_ready(layer)
+        sent.append(stream.finish())
+        for future in sent + received:
+            future.result(10)
+        for _, _, blocks in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+        assert prefill.stats().num_sent == decode.stats().num_received == len(plan)
+    finally:
+        prefill.close()
+        decode.close()
