@@ -299,6 +299,8 @@ class OpenAIServer:
                 raise
             code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
             return _error_response(ApiError(exc.status, exc.text or exc.reason, code=code))
+        except Exception as exc:  # a bug: still an OpenAI-shaped 500, with the traceback in the log
+            return _error_response(_api_error(exc))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
@@ -418,8 +420,8 @@ class OpenAIServer:
                         await writer.delta(states[i], states[i].feed(m))
                     continue
                 await writer.delta(states[index], states[index].feed(message))
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
+        except ConnectionResetError:  # the client left; its choices are cancelled on the way out
+            return writer.response
         except Exception as exc:
             error = _api_error(exc)
             if writer.response is None:
