@@ -360,7 +360,8 @@ class KVTransport(abc.ABC):
     def open_send(self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int) -> SendStream:
         """Start sending `num_tokens` tokens held in `block_ids` (this worker's) to `peer`, layer-wise.
 
-        Transfers to one peer go in the order they were opened (one FIFO per pair).
+        Token t lives in block `block_ids[t // block_size]`; ids past the last needed one are
+        ignored. Transfers to one peer go in the order they were opened (one FIFO per pair).
         """
 
     def send(self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int) -> TransferFuture:
@@ -412,13 +413,17 @@ class KVTransport(abc.ABC):
 
 
 def validate_blocks(spec: KVSpec, num_cache_blocks: int, block_ids: Sequence[int], num_tokens: int) -> tuple[int, ...]:
-    """Check a transfer's block list against its token count and the cache; returns it as a tuple."""
-    blocks = tuple(int(b) for b in block_ids)
+    """The blocks holding `num_tokens` tokens: the first ceil(num_tokens / block_size) of `block_ids`.
+
+    Extra trailing ids (a request's block allocated for its next token) are ignored; too few, ids
+    outside the cache, or repeats raise ValueError.
+    """
     if not isinstance(num_tokens, int) or num_tokens <= 0:
         raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
     needed = -(-num_tokens // spec.block_size)
-    if len(blocks) != needed:
-        raise ValueError(f"{num_tokens} tokens need {needed} blocks of {spec.block_size}, got {len(blocks)} block ids")
+    if len(block_ids) < needed:
+        raise ValueError(f"{num_tokens} tokens need {needed} blocks of {spec.block_size}, got {len(block_ids)} ids")
+    blocks = tuple(int(b) for b in block_ids[:needed])
     bad = [b for b in blocks if not 0 <= b < num_cache_blocks]
     if bad:
         raise ValueError(f"block ids {bad[:8]} outside the cache's {num_cache_blocks} blocks")

@@ -117,6 +117,7 @@ def test_config_and_inputs_are_validated_with_the_bad_value_named():
     assert TransportConfig(deadline_base_s=2, deadline_bandwidth=1e9).transfer_timeout_s(3 * 10**9) == 5
     with pytest.raises(ValueError, match="need 3 blocks"):
         validate_blocks(SPEC, 32, [1, 2], 9)
+    assert validate_blocks(SPEC, 32, [5, 6, 7, 8], 9) == (5, 6, 7)  # a trailing spare block is ignored
     with pytest.raises(ValueError, match="outside"):
         validate_blocks(SPEC, 32, [1, 2, 40], 9)
     with pytest.raises(ValueError, match="repeat"):
