@@ -1,7 +1,8 @@
 """Triton kernels that sort (token, slot) pairs by expert for the grouped MoE GEMMs (see `moe_align.py`).
 
-Names: P = T * K pairs (p = t * K + j), E local experts, BLOCK_M rows per M-block, CHUNK pairs per
-program, G = cdiv(P, CHUNK) chunks.
+Names: P = T * K pairs (p = t * K + j), E local experts, BLOCK_M rows per M-block. Program g handles
+chunk g: S sub-chunks of CHUNK pairs (S grows with P so that there are at most ~128 programs, each
+of which reads all G chunks' counts); G chunks in all.
 
 Result, for local experts e = 0..E-1 with c_e pairs each (ids outside [offset, offset + E) dropped):
 
@@ -23,10 +24,10 @@ import triton.language as tl
 
 @triton.jit
 def _chunk_one_hot(
-    topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2: tl.constexpr, CHUNK: tl.constexpr
+    topk_ids_ptr, subchunk, num_pairs, num_experts, expert_offset, E_POW2: tl.constexpr, CHUNK: tl.constexpr
 ):
-    """(pairs [CHUNK], is_local [CHUNK], one_hot [CHUNK, E_POW2] int32) of one chunk of pairs."""
-    pairs = chunk * CHUNK + tl.arange(0, CHUNK)
+    """(pairs [CHUNK], is_local [CHUNK], one_hot [CHUNK, E_POW2] int32) of one sub-chunk of pairs."""
+    pairs = subchunk * CHUNK + tl.arange(0, CHUNK)
     in_range = pairs < num_pairs
     expert = tl.load(topk_ids_ptr + pairs, mask=in_range, other=-1).to(tl.int32) - expert_offset
     is_local = in_range & (expert >= 0) & (expert < num_experts)
@@ -35,24 +36,27 @@ def _chunk_one_hot(
     return pairs, is_local, one_hot
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit(do_not_specialize=["num_pairs", "subchunks_per_chunk"])
 def _moe_count_kernel(
     topk_ids_ptr,  # [P] int32/int64 (= [T, K] contiguous)
     chunk_counts_ptr,  # [G, E_POW2] int32 out: pairs of chunk g for local expert e
     num_pairs,
     num_experts,
     expert_offset,
+    subchunks_per_chunk,  # S
     E_POW2: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     # grid: (G,)
     chunk = tl.program_id(0)
-    _, _, one_hot = _chunk_one_hot(topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
-    experts = tl.arange(0, E_POW2)
-    tl.store(chunk_counts_ptr + chunk * E_POW2 + experts, tl.sum(one_hot, axis=0))
+    counts = tl.zeros((E_POW2,), dtype=tl.int32)
+    for sub in range(chunk * subchunks_per_chunk, (chunk + 1) * subchunks_per_chunk):
+        _, _, one_hot = _chunk_one_hot(topk_ids_ptr, sub, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
+        counts += tl.sum(one_hot, axis=0)
+    tl.store(chunk_counts_ptr + chunk * E_POW2 + tl.arange(0, E_POW2), counts)
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
+@triton.jit(do_not_specialize=["num_pairs", "num_chunks", "subchunks_per_chunk", "num_blocks"])
 def _moe_place_kernel(
     topk_ids_ptr,  # [P]
     chunk_counts_ptr,  # [G, E_POW2] from _moe_count_kernel (unused when SINGLE_CHUNK)
@@ -60,6 +64,7 @@ def _moe_place_kernel(
     block_expert_ptr,  # [num_blocks] int32 out
     num_pairs,
     num_chunks,  # G
+    subchunks_per_chunk,  # S
     num_experts,
     expert_offset,
     num_blocks,
@@ -68,15 +73,15 @@ def _moe_place_kernel(
     CHUNK: tl.constexpr,
     COUNT_ROWS: tl.constexpr,  # rows of chunk_counts read per step
     BLOCK_CHUNK: tl.constexpr,  # M-blocks mapped per step
-    SINGLE_CHUNK: tl.constexpr,  # G == 1: count here, no _moe_count_kernel
+    SINGLE_CHUNK: tl.constexpr,  # P <= CHUNK: one program counts for itself, no _moe_count_kernel
 ):
     # grid: (G,)
     chunk = tl.program_id(0)
     experts = tl.arange(0, E_POW2)
-    pairs, is_local, one_hot = _chunk_one_hot(topk_ids_ptr, chunk, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
 
     # 1. every expert's total, and how many of its pairs sit in earlier chunks
     if SINGLE_CHUNK:
+        _, _, one_hot = _chunk_one_hot(topk_ids_ptr, 0, num_pairs, num_experts, expert_offset, E_POW2, CHUNK)
         counts = tl.sum(one_hot, axis=0)  # [E_POW2]
         earlier = tl.zeros((E_POW2,), dtype=tl.int32)
     else:
@@ -93,11 +98,17 @@ def _moe_place_kernel(
     block_end = tl.cumsum(num_expert_blocks, axis=0)  # [E_POW2] inclusive
     block_start = block_end - num_expert_blocks
 
-    # 2. scatter: row = expert's first row + pairs before this one (earlier chunks, then this chunk)
-    rank = tl.cumsum(one_hot, axis=0) - 1  # [CHUNK, E_POW2]: earlier same-expert pairs in the chunk
-    base = block_start * BLOCK_M + earlier  # [E_POW2]
-    row = tl.sum(one_hot * (rank + base[None, :]), axis=1)  # [CHUNK]
-    tl.store(sorted_pairs_ptr + row, pairs, mask=is_local)
+    # 2. scatter: row = the expert's first row + its pairs before this one (in earlier chunks, in
+    #    earlier sub-chunks of this chunk, earlier in this sub-chunk)
+    next_row = block_start * BLOCK_M + earlier  # [E_POW2]
+    for sub in range(chunk * subchunks_per_chunk, (chunk + 1) * subchunks_per_chunk):
+        pairs, is_local, one_hot = _chunk_one_hot(
+            topk_ids_ptr, sub, num_pairs, num_experts, expert_offset, E_POW2, CHUNK
+        )
+        rank = tl.cumsum(one_hot, axis=0) - 1  # [CHUNK, E_POW2]: earlier same-expert pairs here
+        row = tl.sum(one_hot * (rank + next_row[None, :]), axis=1)  # [CHUNK]
+        tl.store(sorted_pairs_ptr + row, pairs, mask=is_local)
+        next_row += tl.sum(one_hot, axis=0)
 
     # 3. padding rows after each expert's pairs (disjoint from the rows scattered above)
     if chunk == 0:

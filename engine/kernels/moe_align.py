@@ -76,13 +76,23 @@ def moe_align(
     e_pow2 = max(16, triton.next_power_of_2(num_experts))
     # A chunk's one-hot [CHUNK, E_POW2] and its running count live in registers: keep them ~64 a thread.
     chunk = max(16, min(256, 8192 // e_pow2))
-    num_chunks = max(1, triton.cdiv(num_pairs, chunk))
+    num_subchunks = max(1, triton.cdiv(num_pairs, chunk))
+    subchunks_per_chunk = triton.cdiv(num_subchunks, 128)  # at most 128 programs: each reads all counts
+    num_chunks = triton.cdiv(num_subchunks, subchunks_per_chunk)
     sorted_pairs = scratch((num_blocks * block_m,), torch.int32, device)
     block_expert = scratch((num_blocks,), torch.int32, device)
     chunk_counts = scratch((num_chunks, e_pow2), torch.int32, device)
     if num_chunks > 1:
         _moe_count_kernel[(num_chunks,)](
-            topk_ids, chunk_counts, num_pairs, num_experts, expert_offset, E_POW2=e_pow2, CHUNK=chunk, num_warps=4
+            topk_ids,
+            chunk_counts,
+            num_pairs,
+            num_experts,
+            expert_offset,
+            subchunks_per_chunk,
+            E_POW2=e_pow2,
+            CHUNK=chunk,
+            num_warps=4,
         )
     _moe_place_kernel[(num_chunks,)](
         topk_ids,
@@ -91,6 +101,7 @@ def moe_align(
         block_expert,
         num_pairs,
         num_chunks,
+        subchunks_per_chunk,
         num_experts,
         expert_offset,
         num_blocks,

@@ -7,6 +7,7 @@ ERNIE-4.5 shapes and odd ones, relative error <= 1e-2 against the reference run 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -211,6 +212,7 @@ def test_default_config_matches_reference(interpreter, num_tokens):
         (255, 8, 2, 32, {"used_experts": [0, 3, 5]}),
         (1023, 64, 6, 64, {}),
         (1023, 16, 6, 128, {"expert_offset": 16, "num_global_experts": 64}),
+        (3001, 64, 6, 128, {}),  # > 128 sub-chunks: programs take several each
     ],
 )
 def test_align_sorts_every_local_pair_once(interpreter, num_tokens, num_experts, top_k, block_m, extra):
@@ -322,6 +324,17 @@ def test_tma_descriptors_only_where_tma_can_address_the_tensor():
     assert _tma_view(torch.empty(4, 48, 68, dtype=torch.bfloat16), 16, 32) is None  # 136-byte rows
     assert _tma_view(torch.empty(5, 48, 64, dtype=torch.bfloat16)[::2], 16, 32) is None  # experts spaced apart
     assert _tma_view(torch.empty(4 * 48 * 64 + 1, dtype=torch.bfloat16)[1:].view(4, 48, 64), 16, 32) is None
+
+
+def test_tuned_config_files_parse_and_validate():
+    from engine.kernels.fused_moe import CONFIG_DIR, _tuned_table
+
+    files = sorted(CONFIG_DIR.glob("fused_moe_*.json"))
+    assert files, f"no tuned configs in {CONFIG_DIR}"
+    for path in files:
+        device = json.loads(path.read_text())["device"]
+        table = _tuned_table(device)  # FusedMoeConfig validates every entry
+        assert table and all(buckets for buckets in table.values()), path
 
 
 def test_config_lookup_falls_back_for_unknown_gpus_and_the_interpreter():
