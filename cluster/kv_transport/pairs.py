@@ -58,6 +58,9 @@ from cluster.kv_transport.transfer import State, Transfer
 log = logging.getLogger(__name__)
 
 _IDLE_POP_S = 60.0  # an idle receiver re-arms its blocking pop this often (each timeout logs a line)
+# A receiving pair with nothing expected and no message for this long retires (its sender may be
+# long gone); a later expect starts a new one, and the sender's idle re-check rebuilds the group.
+_IDLE_CLOSE_S = 600.0
 # After this much idleness a sender asks the receiver's store whether it dropped the group (one
 # round trip). A drop while idle is rare (the receiver failed on its own); if missed, one transfer
 # fails retryably and the pair rebuilds.
@@ -113,12 +116,16 @@ class Pair:
             self.host.ops.thread_setup()
             self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device)
             self._run()
-        except Exception:  # a bug here must not kill the worker; transfers fail by deadline
+        except Exception as exc:  # a bug here must not kill the worker: fail this pair's transfers
             log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)
+            self.close(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}")
         finally:
             self._drop_group("pair closed")
 
     def _run(self) -> None:
+        raise NotImplementedError
+
+    def close(self, reason: FailureReason, detail: str) -> None:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ groups
@@ -512,9 +519,17 @@ class RecvPair(Pair):
     def _run(self) -> None:
         self._store = self.host.new_store_client()
         self._pair_store = dist.PrefixStore(self.prefix, self._store)
+        last_message = time.monotonic()
         while not self.closed:
             message = self._next_message(_IDLE_POP_S)
-            if message is None or isinstance(message, Wake | End):
+            if message is None:
+                with self._lock:
+                    expecting = any(not t.is_final for t in self._expects.values())
+                if not expecting and time.monotonic() - last_message > _IDLE_CLOSE_S:
+                    self.close(FailureReason.ABORTED, "idle pair retired")
+                continue
+            last_message = time.monotonic()
+            if isinstance(message, Wake | End):
                 continue  # an End here belongs to a transfer that already failed
             try:
                 if isinstance(message, Open):

@@ -287,9 +287,14 @@ def _run_rank(rank: int, port: int, args: argparse.Namespace, results: Any) -> N
 def _device_info(bench: Bench) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu",
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if bench.cuda else None,
+        "nccl": _nccl_version() if bench.cuda else None,
         "sleep_cycles_per_s": bench.sleep_cycles_per_s,
     }
+
+
+def _nccl_version() -> str:
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None:
