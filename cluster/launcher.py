@@ -151,10 +151,34 @@ class LocalCluster:
                 self.start_worker(role, index)
             for worker in self.workers:
                 worker.wait_ready(READY_TIMEOUT_S)
+            self.wait_registered({w.ready["worker_id"] for w in self.workers}, READY_TIMEOUT_S)
             self.wait_serving(READY_TIMEOUT_S)
         except BaseException:
             self.stop()
             raise
+
+    def wait_registered(self, worker_ids: set[str], timeout: float) -> None:
+        """Until the registry lists every worker we started (and the router has synced once more)."""
+        import asyncio
+
+        from cluster.registry import RegistryUnavailable, make_registry
+
+        async def poll() -> None:
+            registry = make_registry(self.registry_url)
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    with contextlib.suppress(RegistryUnavailable):
+                        if worker_ids <= {r.info.worker_id for r in await registry.list_workers()}:
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"workers {sorted(worker_ids)} did not all register within {timeout:.0f} s")
+                    await asyncio.sleep(0.05)
+            finally:
+                await registry.close()
+
+        asyncio.run(poll())
+        time.sleep(0.3)  # the router re-reads the registry every 0.25 s
 
     def wait_serving(self, timeout: float) -> None:
         """Until the router's health says SERVING (a decode-capable worker has joined)."""

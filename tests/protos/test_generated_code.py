@@ -42,7 +42,11 @@ def test_check_names_edited_missing_and_leftover_files(tmp_path: Path) -> None:
 
 def test_only_files_with_services_get_grpc_modules() -> None:
     names = generate.generated_names(generate.REPO_ROOT / generate.PROTO_SUBDIR)
-    assert {name for name in names if name.endswith("_grpc.py")} == {"generate_pb2_grpc.py", "worker_pb2_grpc.py"}
+    assert {name for name in names if name.endswith("_grpc.py")} == {
+        "generate_pb2_grpc.py",
+        "registry_pb2_grpc.py",
+        "worker_pb2_grpc.py",
+    }
 
 
 @pytest.mark.parametrize("module", [generate_pb2_grpc, worker_pb2_grpc], ids=lambda m: m.__name__)

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from protos.pdserve.v1 import common_pb2, generate_pb2, worker_pb2
+from protos.pdserve.v1 import common_pb2, generate_pb2, registry_pb2, worker_pb2
 
 
 def assert_all_fields_set(message: Message, path: str = "") -> None:
@@ -309,6 +309,11 @@ MESSAGES: dict[str, Callable[[], Message]] = {
         role_epoch=4,
         message="drained in 1.2 s",
     ),
+    "HeartbeatRequest": lambda: registry_pb2.HeartbeatRequest(record=worker_record()),
+    "HeartbeatResponse": lambda: registry_pb2.HeartbeatResponse(created=True),
+    "DeregisterRequest": lambda: registry_pb2.DeregisterRequest(worker_id="pdserve-worker-1", incarnation_id="3f2a9c"),
+    "DeregisterResponse": lambda: registry_pb2.DeregisterResponse(removed=True),
+    "ListWorkersResponse": lambda: registry_pb2.ListWorkersResponse(workers=[worker_record()]),
     "KVHandshakeRequest": lambda: worker_pb2.KVHandshakeRequest(
         spec=kv_cache_spec(), worker_id="pdserve-worker-0", incarnation_id="77aa01"
     ),
@@ -323,6 +328,12 @@ MESSAGES: dict[str, Callable[[], Message]] = {
 }
 
 
+def worker_record() -> registry_pb2.WorkerRecord:
+    return registry_pb2.WorkerRecord(
+        info=worker_info(), load=MESSAGES["LoadReport"](), heartbeat_unix_ms=1_763_800_000_456, ttl_seconds=3.0
+    )
+
+
 @pytest.mark.parametrize("name", sorted(MESSAGES))
 def test_message_round_trips_with_every_field_set(name: str) -> None:
     message = MESSAGES[name]()
@@ -332,7 +343,7 @@ def test_message_round_trips_with_every_field_set(name: str) -> None:
 
 def test_every_message_of_the_services_has_a_round_trip_fixture() -> None:
     covered = {factory().DESCRIPTOR.full_name for factory in MESSAGES.values()}
-    for module in (generate_pb2, worker_pb2):
+    for module in (generate_pb2, worker_pb2, registry_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 for message_type in (method.input_type, method.output_type):
