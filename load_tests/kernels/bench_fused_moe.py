@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"tuned {shape.name} T={t}: {predicted * 1e3:.1f} µs {cfg.to_dict()} ({time.time() - t0:.0f} s)")
             del problem
             synchronize()
-        (args.out / f"fused_moe_tune_{slug}.json").write_text(json.dumps(log, indent=1))
+        (args.out / f"fused_moe_tune_{slug}.json").write_text(json.dumps(log, separators=(",", ":")) + "\n")
         configs = {
             shape_key(s.hidden_size, s.inter_size, DTYPE): {str(t): c.to_dict() for t, c in tuned[s.name].items()}
             for s in shapes
