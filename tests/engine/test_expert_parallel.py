@@ -464,7 +464,10 @@ def test_followers_and_single_rank_runners_refuse_the_wrong_calls() -> None:
 # layer's EP=2 output is ~0.3% off in L2, dropping the other rank's experts ~21%; logits of a 28-layer
 # model ~1.5% off, dropping them ~8%: the summation order alone moves bf16 that much).
 LAYER_REL_L2, LAYER_REL_MAX = 1e-2, 2e-2
-LOGITS_REL_L2, LOGITS_REL_MAX = 3e-2, 0.1
+# Logits after 28 random bf16 layers drift with the changed summation order: measured on two H200
+# (2026-11-22) 4.3-4.6e-2 relative L2 / <= 9.8e-2 max for all three modes, per-layer 1.5-2.9e-3, while
+# dropping the other rank's experts gives 2.8-3.2e-1 on the logits. The bound sits between the two.
+LOGITS_REL_L2, LOGITS_REL_MAX = 8e-2, 0.15
 GPU_DP_PROMPTS = [[_ids(64, 20)], [_ids(17, 21), _ids(90, 22)]]  # rank 0's batch, rank 1's
 GPU_LAYER_TOKENS = [5, 300]  # data-parallel modes: rank r's tokens at one MoE layer
 
@@ -540,7 +543,7 @@ def test_ep2_nccl_matches_ep1_on_the_21b_preset_in_bf16(gpu_pool2: RankPool) -> 
                 assert control["rel_l2"] > max(10 * layer["rel_l2"], 0.05), (rank, mode, i, control)
             logits, control = errors[f"{mode} logits"], errors["local_only logits"]
             assert logits["rel_l2"] <= LOGITS_REL_L2 and logits["rel_max"] <= LOGITS_REL_MAX, (rank, mode, logits)
-            assert control["rel_l2"] > 2 * logits["rel_l2"], (rank, mode, control)
+            assert control["rel_l2"] > 3 * logits["rel_l2"], (rank, mode, control)
 
 
 def _rank_gpu_engine(ep: ExpertParallel, prompts: list[list[int]]) -> Any:
