@@ -11,12 +11,12 @@ Two paths compute the same function:
 * pairs path (decode-sized T): no sort. `_gate_up_pairs_kernel` runs one program per (pair, N-tile)
   as a GEMV on CUDA cores; then either `_down_pairs_kernel`, one program per (token, N-tile) that
   loops over the token's K slots so the top-k sum happens in registers (deterministic, no atomics,
-  no memset), or -- for the tiniest T, where that grid is too small to keep every SM streaming --
-  `_down_pair_rows_kernel` per (pair, N-tile) followed by `_sum_topk_kernel`.
-* grouped path: `_moe_align_kernel` (in `_moe_align.py`) sorts pairs by expert into blocks of
+  no memset), or `_down_pair_rows_kernel` per (pair, N-tile) -- K times the programs, for when the
+  token grid is too small to keep every SM streaming -- followed by `_sum_topk_kernel`.
+* grouped path: `moe_align` (kernels in `_moe_align.py`) sorts pairs by expert into blocks of
   BLOCK_M rows; `_gate_up_grouped_kernel` and `_down_grouped_kernel` are grouped GEMMs on tensor
-  cores over those blocks; `_sum_topk_kernel` adds each token's K rows (or the down GEMM adds them
-  with fp32 atomics when the config asks for it).
+  cores (wgmma on Hopper, weights optionally through TMA) over those blocks; `_sum_topk_kernel`
+  adds each token's K rows (or the down GEMM adds them with fp32 atomics when the config asks).
 
 Every kernel accumulates in fp32. Expert ids outside [expert_offset, expert_offset + E) are skipped
 (another expert-parallel rank owns them): their rows are never read, written or counted.

@@ -5,10 +5,12 @@
 
 Two launch plans compute it (kernels in `_fused_moe.py`):
 
-* ``pairs`` (decode-sized batches): two launches, no sort, no padding. A GEMV per (pair, N-tile)
-  for gate/up + SiLU-and-mul, then one program per (token, N-tile) that runs the down projection
-  of all the token's slots and adds them in registers. Weight streaming is spread over the whole
-  chip by the N split; pairs that share an expert read its tiles together, so L2 absorbs the repeats.
+* ``pairs`` (decode-sized batches): no sort, no padding. A GEMV per (pair, N-tile) for gate/up +
+  SiLU-and-mul, then either one program per (token, N-tile) that runs the down projection of all
+  the token's slots and adds them in registers (combine="fused": two launches), or a down GEMV per
+  (pair, N-tile) and the sum kernel (combine="sum": more programs in flight for tiny T). Weight
+  streaming is spread over the whole chip by the N split; pairs that share an expert read its
+  tiles together, so L2 absorbs the repeats.
 * ``grouped`` (prefill-sized batches): `moe_align` sorts pairs by expert into M-blocks on the GPU,
   then grouped tensor-core GEMMs: gate/up with SiLU-and-mul in the epilogue, down with the routing
   weight in the epilogue; then a deterministic top-k sum (or fp32 atomics, `combine="atomic"`).
