@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router(sub)
     _add_role(sub)
     _add_planner(sub)
+    from load_tests.cli import add_bench_parser  # light: the harness loads on `bench` only
+
+    add_bench_parser(sub)
     return parser
 
 
