@@ -14,7 +14,6 @@ labels limited to model, role, worker and small enums. Histogram buckets for LLM
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -255,41 +254,23 @@ class RouterMetrics:
         self.tokens = Counter(
             "pdserve_router_generation_tokens", "Tokens streamed to clients.", ["model"], registry=reg
         )
-        self.circuit_open = Gauge(
+
+    def watch_circuits(self, circuits: Callable[[], dict[str, bool]]) -> None:
+        """Report `pdserve_router_worker_circuit_open{worker}` from `circuits()` at scrape time."""
+        self.registry.register(_CircuitCollector(self.model, circuits))
+
+
+class _CircuitCollector(Collector):
+    def __init__(self, model: str, circuits: Callable[[], dict[str, bool]]) -> None:
+        self.model = model
+        self.circuits = circuits
+
+    def collect(self) -> Iterable:
+        family = GaugeMetricFamily(
             "pdserve_router_worker_circuit_open",
-            "1 while a worker is suspended after a failure.",
-            ["model", "worker"],
-            registry=reg,
+            "1 while the router keeps a worker out of rotation after a failure.",
+            labels=["model", "worker"],
         )
-
-
-class Stopwatch:
-    """Per-stream timing helper for the router: TTFT, inter-token gaps and end-to-end latency."""
-
-    def __init__(self, metrics: RouterMetrics | None, clock: Callable[[], float]) -> None:
-        self.metrics = metrics
-        self.clock = clock
-        self.start = clock()
-        self.last_token_at: float | None = None
-        self._lock = threading.Lock()
-
-    def tokens(self, count: int) -> None:
-        if self.metrics is None or count == 0:
-            return
-        now = self.clock()
-        model = self.metrics.model
-        if self.last_token_at is None:
-            self.metrics.ttft.labels(model).observe(now - self.start)
-        else:
-            gap = (now - self.last_token_at) / count
-            for _ in range(count):
-                self.metrics.itl.labels(model).observe(gap)
-        self.metrics.tokens.labels(model).inc(count)
-        self.last_token_at = now
-
-    def finish(self, status: str) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.requests.labels(self.metrics.model, status).inc()
-        if status == "OK":
-            self.metrics.e2e.labels(self.metrics.model).observe(self.clock() - self.start)
+        for worker, is_open in sorted(self.circuits().items()):
+            family.add_metric([self.model, worker], 1.0 if is_open else 0.0)
+        yield family

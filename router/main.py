@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cluster.metrics import RouterMetrics
+from cluster.metrics import serve as serve_metrics
 from cluster.registry import EmbeddedRegistry, RegistryService, make_registry
 from engine.tokenizer import Tokenizer
 from protos.pdserve.v1 import generate_pb2_grpc, registry_pb2_grpc
@@ -44,6 +46,8 @@ class FrontendConfig:
     http_host: str | None = None  # None: the gRPC host
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     reasoning_parser: str = "auto"
+    metrics_port: int | None = 0  # /metrics port; 0: a free one; None: off
+    log_json: bool = False  # the one-line-per-request log as JSON
 
 
 async def serve(
@@ -64,7 +68,9 @@ async def serve(
     else:  # membership from the registry (embedded in this process unless a URL names one)
         registry = make_registry(registry_url)
         pool.start_watching(registry)
-    service = GenerationService(config, tokenizer, pool)
+    metrics = RouterMetrics(config.model_id)
+    metrics.watch_circuits(lambda: {h.worker_id: h.suspended for h in pool.workers.values()})
+    service = GenerationService(config, tokenizer, pool, metrics=metrics, log_json=frontend.log_json)
     interceptors = [ApiKeyInterceptor(frontend.api_keys)] if frontend.api_keys.enabled else []
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", config.max_request_bytes + (64 << 10))],
@@ -80,6 +86,8 @@ async def serve(
     await server.start()
     ready = {"grpc_address": f"{host}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
     ready["registry"] = f"grpc://{host}:{bound}" if isinstance(registry, EmbeddedRegistry) else registry_url
+    if frontend.metrics_port is not None:
+        ready["metrics_address"] = f"{host}:{serve_metrics(metrics.registry, host, frontend.metrics_port)}"
     http_runner = None
     if frontend.http_port is not None:
         http_host = frontend.http_host or host
@@ -131,6 +139,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued", type=int, default=1024)
     p.add_argument("--http-host", default=None, help="address of the OpenAI-compatible HTTP API (default: --host)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP API port; 0 picks a free one, -1 turns it off")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port; 0 picks a free one, -1 off")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="format of the per-request log")
     p.add_argument("--api-key", default=None, help=f"require this key on both APIs (also: ${API_KEY_ENV})")
     p.add_argument("--api-key-file", default=None, help="require one of the keys in this file (one per line)")
     p.add_argument(
@@ -156,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         http_host=args.http_host,
         api_keys=load_api_keys(args.api_key, args.api_key_file, os.environ.get(API_KEY_ENV)),
         reasoning_parser=args.reasoning_parser,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        log_json=args.log_format == "json",
     )
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     asyncio.run(serve(config, workers, args.host, args.port, registry_url=args.registry, frontend=frontend))

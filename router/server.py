@@ -134,7 +134,12 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         The request runs in a task of its own that feeds a queue, so that `abort` cancels only
         that task: never the caller's, which may be inside gRPC's or aiohttp's own send.
         """
-        prepared = self._prepare(request)
+        try:
+            prepared = self._prepare(request)
+        except RequestError as err:
+            if self.metrics is not None:
+                self.metrics.requests.labels(self.config.model_id, err.code.name).inc()
+            raise
         if prepared.request_id in self._calls:
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS, f"request id {prepared.request_id!r} is in flight")
         deadline = None if deadline_s is None else time.monotonic() + deadline_s

@@ -62,6 +62,10 @@ class WorkerHandle:
             and time.monotonic() >= self.suspended_until
         )
 
+    @property
+    def suspended(self) -> bool:
+        return time.monotonic() < self.suspended_until
+
     def ref(self) -> common_pb2.WorkerRef:
         assert self.report is not None
         return common_pb2.WorkerRef(

@@ -121,3 +121,56 @@ def test_promtool_accepts_every_workers_metrics(cluster):
         text = scrape(worker.ready["metrics_address"])
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_router_metrics_and_request_log(cluster):
+    address = cluster.router.ready["metrics_address"]
+    before = scrape(address)
+    tokens = 0
+    with Client(cluster.address, timeout=60) as client:
+        for i in range(3):
+            tokens += len(client.generate([9 + i] * 12, max_tokens=5, temperature=0, ignore_eos=True).token_ids)
+        with pytest.raises(Exception, match="prompt is empty"):
+            client.generate("", max_tokens=5)
+    after = scrape(address)
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("pdserve_router_requests_total", status="OK") == 3
+    assert delta("pdserve_router_requests_total", status="INVALID_ARGUMENT") == 1
+    assert delta("pdserve_router_generation_tokens_total") == tokens == 15
+    assert delta("pdserve_router_time_to_first_token_seconds_count") == 3
+    assert delta("pdserve_router_inter_token_latency_seconds_count") == tokens - 3
+    assert delta("pdserve_router_e2e_request_latency_seconds_count") == 3
+    assert delta("pdserve_router_routing_decisions_total") == 3
+    assert value(after, "pdserve_router_inflight_requests") == 0
+    logs = [line for line in cluster.router.tail if "status=OK" in line and "completion_tokens=5" in line]
+    assert len(logs) >= 3 and all("prompt_tokens=" in line for line in logs)
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=after, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_role_flip_shows_in_role_epoch_and_flip_counters(cluster):
+    from cluster.planner import set_role
+
+    decode = next(w for w in cluster.workers if w.name.startswith("decode") and w.popen.poll() is None)
+
+    async def flip_and_back():
+        registry = make_registry(cluster.registry_url)
+        try:
+            await set_role(registry, decode.ready["worker_id"], "mixed", drain_timeout_s=10)
+            mid = scrape(decode.ready["metrics_address"])
+            await set_role(registry, decode.ready["worker_id"], "decode", drain_timeout_s=10)
+            return mid
+        finally:
+            await registry.close()
+
+    mid = asyncio.run(flip_and_back())
+    end = scrape(decode.ready["metrics_address"])
+    assert value(mid, "pdserve_worker_role", role="mixed") == 1 and value(mid, "pdserve_worker_role_epoch") == 2
+    assert value(end, "pdserve_worker_role", role="decode") == 1 and value(end, "pdserve_worker_role_epoch") == 3
+    assert value(end, "pdserve_role_flips_total", from_role="decode", to_role="mixed", result="ok") == 1
+    assert value(end, "pdserve_role_flips_total", from_role="mixed", to_role="decode", result="ok") == 1
+    assert value(end, "pdserve_role_flip_duration_seconds_count") == 2
