@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import time
@@ -35,12 +36,14 @@ import grpc
 from google.protobuf import json_format
 
 from cluster.convert import FINISH_REASON_NAMES, SamplingParamsError, sampling_from_proto, sampling_to_proto
+from cluster.metrics import RouterMetrics
 from engine.block_manager import prompt_block_hashes
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos.pdserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("pdserve.requests")  # one line per finished request
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED}
 
@@ -89,17 +92,65 @@ class _Prepared:
     skip_special: bool
 
 
+@dataclass
+class RequestRecord:
+    """What the router learns about one request while relaying it: metrics and the end-of-request log.
+
+    Never holds prompt text (only counts), so the log line is safe by default.
+    """
+
+    request_id: str
+    num_prompt_tokens: int
+    start: float
+    decode_worker: str = ""
+    prefill_worker: str = ""  # "" = prefilled on the decode worker
+    num_tokens: int = 0
+    queue_s: float = 0.0
+    ttft_s: float | None = None
+    last_token_at: float | None = None
+    num_retries: int = 0
+    num_migrations: int = 0
+    aborted: bool = False
+    status: str = "OK"
+
+    def log_fields(self, now: float) -> dict:
+        return {
+            "request_id": self.request_id,
+            "status": self.status,
+            "decode_worker": self.decode_worker,
+            "prefill_worker": self.prefill_worker or "local",
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_tokens,
+            "queue_ms": round(self.queue_s * 1000, 2),
+            "ttft_ms": None if self.ttft_s is None else round(self.ttft_s * 1000, 2),
+            "duration_ms": round((now - self.start) * 1000, 2),
+            "retries": self.num_retries,
+            "migrations": self.num_migrations,
+        }
+
+
 class GenerationService(generate_pb2_grpc.GenerationServicer):
-    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        tokenizer: Tokenizer,
+        pool: WorkerPool,
+        metrics: RouterMetrics | None = None,
+        log_json: bool = False,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pool = pool
+        self.metrics = metrics
+        self.log_json = log_json
+        self._records: dict[str, RequestRecord] = {}
         self._slots = asyncio.Semaphore(config.max_inflight)
         self._num_queued = 0
         self._calls: dict[str, asyncio.Task] = {}  # request id -> the task relaying it
         self._transfer_ids = itertools.count(int.from_bytes(os.urandom(4), "big") << 20)
         self.num_retries = 0
         self.num_migrations = 0
+        self._num_inflight = 0
 
     # ----------------------------------------------------------------------------- RPCs
     async def ListModels(self, request, context):
@@ -157,21 +208,68 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
 
     async def _produce(self, prepared: _Prepared, deadline: float | None, queue: asyncio.Queue) -> None:
         """Relay one request into `queue`: its messages, then None (or an exception)."""
+        record = RequestRecord(prepared.request_id, len(prepared.prompt_ids), time.monotonic())
+        self._records[prepared.request_id] = record
         try:
-            async for message in self._generate(prepared, deadline):
+            async for message in self._generate(prepared, deadline, record):
                 queue.put_nowait(message)
         except asyncio.CancelledError:
             # abort() (or a consumer that left, which reads no more): end with ABORT.
+            record.status = "CANCELLED"
             queue.put_nowait(generate_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_ABORT))
-        except Exception as exc:  # RequestError, or a bug the front end reports
+        except RequestError as exc:
+            record.status = exc.code.name
             queue.put_nowait(exc)
+        except Exception as exc:  # a bug the front end reports
+            record.status = "INTERNAL"
+            queue.put_nowait(exc)
+        finally:
+            self._records.pop(prepared.request_id, None)
+            self._finish_record(record)
         queue.put_nowait(None)
+
+    def _finish_record(self, record: RequestRecord) -> None:
+        now = time.monotonic()
+        fields = record.log_fields(now)
+        if self.log_json:
+            request_log.info(json.dumps(fields))
+        else:
+            request_log.info(" ".join(f"{k}={v}" for k, v in fields.items()))
+        metrics = self.metrics
+        if metrics is None:
+            return
+        model = self.config.model_id
+        metrics.requests.labels(model, record.status).inc()
+        if record.status == "OK":
+            metrics.e2e.labels(model).observe(now - record.start)
+        if record.status == "CANCELLED":
+            metrics.cancellations.labels(model, "abort" if record.aborted else "client").inc()
+        elif record.status == "DEADLINE_EXCEEDED":
+            metrics.cancellations.labels(model, "deadline").inc()
+
+    def _on_tokens(self, record: RequestRecord, count: int) -> None:
+        now = time.monotonic()
+        metrics, model = self.metrics, self.config.model_id
+        if record.ttft_s is None:
+            record.ttft_s = now - record.start
+            if metrics is not None:
+                metrics.ttft.labels(model).observe(record.ttft_s)
+        elif metrics is not None and record.last_token_at is not None:
+            gap = (now - record.last_token_at) / count
+            for _ in range(count):
+                metrics.itl.labels(model).observe(gap)
+        record.last_token_at = now
+        record.num_tokens += count
+        if metrics is not None:
+            metrics.tokens.labels(model).inc(count)
 
     def abort(self, request_id: str) -> bool:
         """Abort an in-flight request (its stream ends with ABORT); False if none has this id."""
         task = self._calls.get(request_id)
         if task is None:
             return False
+        if request_id in self._records:
+            self._records[request_id].aborted = True
         task.cancel()
         return True
 
@@ -231,31 +329,44 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is missing: set text, chat or token_ids")
 
     # ----------------------------------------------------------------------------- relay
-    async def _admit(self, deadline: float | None) -> None:
+    async def _admit(self, deadline: float | None, record: RequestRecord) -> None:
         if self._slots.locked() and self._num_queued >= self.config.max_queued:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "router queue is full; retry later")
         self._num_queued += 1
+        self._update_gauges()
         try:
             await asyncio.wait_for(self._slots.acquire(), _remaining(deadline))
         except TimeoutError:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued") from None
         finally:
             self._num_queued -= 1
+            record.queue_s = time.monotonic() - record.start
+            if self.metrics is not None:
+                self.metrics.queue_time.labels(self.config.model_id).observe(record.queue_s)
+        self._num_inflight += 1
+        self._update_gauges()
 
-    async def _generate(self, req: _Prepared, deadline: float | None):
-        await self._admit(deadline)
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.inflight.labels(self.config.model_id).set(self._num_inflight)
+            self.metrics.queued.labels(self.config.model_id).set(self._num_queued)
+
+    async def _generate(self, req: _Prepared, deadline: float | None, record: RequestRecord):
+        await self._admit(deadline, record)
         try:
             yield generate_pb2.GenerateResponse(
                 metadata=generate_pb2.GenerateMetadata(
                     request_id=req.request_id, model=self.config.model_id, num_prompt_tokens=len(req.prompt_ids)
                 )
             )
-            async for message in self._relay(req, deadline):
+            async for message in self._relay(req, deadline, record):
                 yield message
         finally:
             self._slots.release()
+            self._num_inflight -= 1
+            self._update_gauges()
 
-    async def _relay(self, req: _Prepared, deadline: float | None):
+    async def _relay(self, req: _Prepared, deadline: float | None, record: RequestRecord):
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=req.skip_special)
         tokens: list[int] = []
         text = ""
@@ -267,6 +378,10 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         while True:
             attempts += 1
             decode, prefill = await self._pick(req, tokens, excluded)
+            record.decode_worker = decode.worker_id
+            record.prefill_worker = prefill.worker_id if prefill else ""
+            if self.metrics is not None:
+                self.metrics.routing.labels(self.config.model_id, "remote" if prefill else "local").inc()
             call = decode.stub.Decode(self._decode_request(req, tokens, decode, prefill), timeout=_remaining(deadline))
             decode.num_inflight += 1
             if prefill:
@@ -277,6 +392,8 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                     for token in new_tokens:
                         text += detok.push(token)
                     tokens.extend(new_tokens)
+                    if new_tokens:
+                        self._on_tokens(record, len(new_tokens))
                     if resp.HasField("usage"):
                         usage.cached_prompt_tokens = max(usage.cached_prompt_tokens, resp.usage.cached_prompt_tokens)
                     stop = _find_stop(text, req.stops, max(0, emitted - holdback))
@@ -323,8 +440,14 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                         excluded.add(prefill.address)
                 if tokens:
                     self.num_migrations += 1
+                    record.num_migrations += 1
+                    if self.metrics is not None:
+                        self.metrics.migrations.labels(self.config.model_id).inc()
                 else:
                     self.num_retries += 1
+                    record.num_retries += 1
+                    if self.metrics is not None:
+                        self.metrics.retries.labels(self.config.model_id).inc()
             finally:
                 call.cancel()
                 decode.num_inflight -= 1
