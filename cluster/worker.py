@@ -54,6 +54,7 @@ ROLES = {
     "mixed": common_pb2.WORKER_ROLE_MIXED,
 }
 ROLE_NAMES = {value: name for name, value in ROLES.items()}
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str | None = None
     seed: int = 0
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # address the gRPC and metrics servers bind (0.0.0.0: every interface)
+    advertise_host: str | None = None  # published address: router, peers and the KV store (None: `host`)
     port: int = 0
     kv_backend: str = "gloo"
     kv_port: int = 0
@@ -86,6 +88,13 @@ class WorkerConfig:
         for name in ("port", "kv_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)}")
+        if self.public_host in _WILDCARD_HOSTS:
+            raise ValueError(f"host {self.host!r} binds every interface: set advertise_host to an address peers dial")
+
+    @property
+    def public_host(self) -> str:
+        """The address published in the registry and the READY line (a pod IP in Kubernetes)."""
+        return self.advertise_host or self.host
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -104,7 +113,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv=engine.kv_cache,
             local=PeerRef(config.worker_id, self.incarnation_id),
             model_hash=engine.runtime.model_hash,
-            config=TransportConfig(host=config.host, port=config.kv_port),
+            config=TransportConfig(host=config.public_host, port=config.kv_port),
         )
         self.address = ""  # host:port once the server is bound
         self.decode_role: DecodeRole | None = None
@@ -378,7 +387,7 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
-    service.bind(f"{config.host}:{port}")
+    service.bind(f"{config.public_host}:{port}")
     service.metrics_port = metrics.serve(service.metrics.registry, config.host, config.metrics_port)
     await server.start()
     local = service.transport.local
@@ -388,7 +397,7 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
         "role": config.role,
         "grpc_address": service.address,
         "kv_store": f"{local.host}:{local.port}",
-        "metrics_address": f"{config.host}:{service.metrics_port}",
+        "metrics_address": f"{config.public_host}:{service.metrics_port}",
         "pid": os.getpid(),
         "model": config.model,
         "model_hash": engine.runtime.model_hash,
@@ -426,7 +435,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="address published in the registry for the router and peers (default: --host; in Kubernetes the pod IP)",
+    )
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: pick a free one)")
     p.add_argument("--kv-backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
     p.add_argument("--kv-port", type=int, default=0)
@@ -449,6 +463,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         dtype=args.dtype,
         seed=args.seed,
         host=args.host,
+        advertise_host=args.advertise_host,
         port=args.port,
         kv_backend=backend,
         kv_port=args.kv_port,
