@@ -223,6 +223,20 @@ def _add_planner(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_preflight(sub: argparse._SubParsersAction) -> None:
+    from cluster.preflight import add_preflight_args
+
+    p = sub.add_parser("preflight", help="measure GPU interconnect bandwidth (send/recv, all-reduce) like nccl-tests")
+    add_preflight_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from cluster.preflight import run as run_preflight
+
+        return run_preflight(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated serving for ERNIE-4.5")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router(sub)
     _add_role(sub)
     _add_planner(sub)
+    _add_preflight(sub)
     from load_tests.cli import add_bench_parser  # light: the harness loads on `bench` only
 
     add_bench_parser(sub)
