@@ -101,6 +101,8 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-arg", action="append", help="extra argument for every worker (repeatable)")
     p.add_argument("--router-arg", action="append", help="extra argument for the router (repeatable)")
     p.add_argument("--demo", nargs="*", default=None, help="send these prompts, print the outputs, and stop")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local", help="local processes, or Ray actors")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--no-greeting", action="store_true", help="skip the first demo request on start")
     p.add_argument("-v", "--verbose", action="store_true", help="echo every process's log")
 

@@ -84,6 +84,25 @@ class Process:
             raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.tail))
         return self.ready
 
+    # The lifecycle surface launchers use (a Ray-hosted process offers the same).
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.popen.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
 
 class LocalCluster:
     """Starts and stops the processes of one cluster on this machine. Usable as a context manager."""
@@ -114,7 +133,7 @@ class LocalCluster:
         assert self.router is not None
         return self.router.ready.get("http_address")
 
-    def _spawn(self, name: str, argv: Sequence[str]) -> Process:
+    def _spawn(self, name: str, argv: Sequence[str], num_gpus: int = 0) -> Process:
         popen = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", *argv],
             stdout=subprocess.PIPE,
@@ -132,7 +151,7 @@ class LocalCluster:
         argv = ["worker", "--role", role, "--worker-id", f"{role}-{index}", "--model", spec.model]
         argv += ["--device", _device_for(spec.device, index), "--host", spec.host, "--registry", self.registry_url]
         argv += spec.worker_args
-        process = self._spawn(f"{role}-{index}", argv)
+        process = self._spawn(f"{role}-{index}", argv, num_gpus=1 if spec.device.startswith("cuda") else 0)
         self.workers.append(process)
         return process
 
@@ -198,15 +217,11 @@ class LocalCluster:
     def stop(self, grace_s: float = 5.0) -> None:
         processes = ([self.router] if self.router else []) + self.workers
         for process in processes:
-            if process.popen.poll() is None:
-                process.popen.send_signal(signal.SIGTERM)
+            process.terminate()
         deadline = time.monotonic() + grace_s
         for process in processes:
-            try:
-                process.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.popen.kill()
-                process.popen.wait()
+            if not process.wait(max(0.1, deadline - time.monotonic())):
+                process.kill()
 
     def describe(self) -> str:
         lines = [f"router   gRPC {self.address}  (pdserve.v1.Generation, health, reflection)"]
@@ -236,7 +251,12 @@ def run(args) -> int:
         worker_args=tuple(args.worker_arg or ()),
         router_args=tuple(args.router_arg or ()),
     )
-    cluster = LocalCluster(spec, echo=args.verbose)
+    if getattr(args, "launcher", "local") == "ray":
+        from cluster.launcher_ray import RayCluster
+
+        cluster: LocalCluster = RayCluster(spec, echo=args.verbose, ray_address=args.ray_address)
+    else:
+        cluster = LocalCluster(spec, echo=args.verbose)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode + {spec.num_mixed} mixed workers...")
     cluster.start()
     print(cluster.describe(), flush=True)
@@ -250,7 +270,7 @@ def run(args) -> int:
         if not args.no_greeting:
             _demo(cluster.address, ["Hello from pdserve!"])
         while not stop.wait(0.5):
-            dead = [p.name for p in [cluster.router, *cluster.workers] if p and p.popen.poll() is not None]
+            dead = [p.name for p in [cluster.router, *cluster.workers] if p and not p.alive()]
             if dead:
                 print(f"processes exited: {', '.join(dead)}; stopping", file=sys.stderr)
                 return 1
