@@ -77,6 +77,7 @@ class WorkerConfig:
     max_model_len: int | None = 4096
     registry: str = ""  # grpc://ROUTER (embedded store) or redis://host:port; "" = no registry
     metrics_port: int = 0  # /metrics (0: pick a free port)
+    moe_backend: str = "auto"  # Triton kernels on CUDA, torch references on CPU (engine.backends)
     heartbeat_interval_s: float = 0.5
     registry_ttl_s: float = 3.0
 
@@ -375,6 +376,7 @@ def build_engine(config: WorkerConfig) -> LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len,
         ),
+        moe_backend=config.moe_backend,
     )
 
 
@@ -451,6 +453,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--registry", default="", help="grpc://ROUTER_HOST:PORT (embedded) or redis://host:port")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: pick a free one)")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"])
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -474,6 +477,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_model_len=args.max_model_len,
         registry=args.registry,
         metrics_port=args.metrics_port,
+        moe_backend=args.moe_backend,
     )
 
 

@@ -286,8 +286,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
     seed: int = 0
+    moe_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton: see engine.backends
 
     def __post_init__(self) -> None:
+        _require(
+            self.moe_backend in ("auto", "torch", "triton"),
+            f"moe_backend must be auto, torch or triton, got {self.moe_backend!r}",
+        )
         _require(
             self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}",

@@ -74,6 +74,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
         expert_parallel: ExpertParallel | None = None,
+        moe_backend: str = "auto",
     ) -> None:
         self.engine = LLMEngine.from_model(
             model,
@@ -89,6 +90,7 @@ class LLM:
                 max_model_len=max_model_len,
             ),
             expert_parallel=expert_parallel,
+            moe_backend=moe_backend,
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.backends import model_backends
 from engine.block_manager import BlockManager, BlockStats, KVAllocation
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
@@ -63,6 +64,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         model_cfg = loaded.config
         device = torch.device(config.device)
+        loaded.model.set_backends(model_backends(config.moe_backend, device))
         dtype = next(loaded.model.parameters()).dtype
         num_blocks = plan_num_blocks(model_cfg, config.cache, dtype, device)
         if expert_parallel is not None:
@@ -104,6 +106,7 @@ class LLMEngine:
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         expert_parallel: ExpertParallel | None = None,
+        moe_backend: str = "auto",
     ) -> LLMEngine:
         expert_range = None if expert_parallel is None else expert_parallel.expert_range
         loaded = load_model(model, device=device, dtype=dtype, seed=seed, expert_range=expert_range)
@@ -113,6 +116,7 @@ class LLMEngine:
             scheduler=scheduler or SchedulerConfig(max_model_len=min(loaded.config.max_position_embeddings, 8192)),
             device=device,
             seed=seed,
+            moe_backend=moe_backend,
         )
         return cls(config, loaded, expert_parallel)
 
