@@ -67,6 +67,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _run_remote_generate(args: argparse.Namespace) -> int:
     import grpc
 
+    from cluster.convert import FINISH_REASON_NAMES
     from router.client import Client
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
@@ -81,7 +82,7 @@ def _run_remote_generate(args: argparse.Namespace) -> int:
                 for chunk in client.stream(message, **sampling):
                     print(chunk.text, end="", flush=True)
                     finish = chunk.finish_reason or finish
-                print(f"\n[finish_reason: {finish}]")
+                print(f"\n[finish_reason: {FINISH_REASON_NAMES.get(finish, finish)}]")
             except grpc.RpcError as exc:
                 print(f"pdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -144,10 +145,11 @@ def _add_router(sub: argparse._SubParsersAction) -> None:
 
 def _add_role(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("role", help="list workers' roles, or force a worker to switch role")
-    p.add_argument("--registry", default="grpc://127.0.0.1:50051", help="grpc://ROUTER or redis://host:port")
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--registry", default="grpc://127.0.0.1:50051", help="grpc://ROUTER or redis://host:port")
     actions = p.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="every registered worker with its role, epoch and load")
-    setter = actions.add_parser("set", help="switch a worker's role (drains it first)")
+    actions.add_parser("list", parents=[registry], help="every registered worker with its role, epoch and load")
+    setter = actions.add_parser("set", parents=[registry], help="switch a worker's role (drains it first)")
     setter.add_argument("worker_id")
     setter.add_argument("role", choices=["prefill", "decode", "mixed"])
     setter.add_argument("--drain-timeout", type=float, default=30.0)

@@ -227,9 +227,14 @@ class LocalCluster:
         lines = [f"router   gRPC {self.address}  (pdserve.v1.Generation, health, reflection)"]
         if self.http_address:
             lines.append(f"router   HTTP http://{self.http_address}/v1  (OpenAI-compatible API)")
+        if self.router is not None and "metrics_address" in self.router.ready:
+            lines.append(f"router   metrics http://{self.router.ready['metrics_address']}/metrics")
         for worker in self.workers:
             r = worker.ready
-            lines.append(f"{worker.name:<9} gRPC {r['grpc_address']}  KV store {r['kv_store']}  pid {r['pid']}")
+            lines.append(
+                f"{worker.name:<9} gRPC {r['grpc_address']}  KV store {r['kv_store']}  "
+                f"metrics http://{r['metrics_address']}/metrics  pid {r['pid']}"
+            )
         return "\n".join(lines)
 
 
