@@ -387,3 +387,17 @@ def run(args: argparse.Namespace) -> int:
     if not report.passed:
         print("pdserve preflight: FAILED: " + "; ".join(report.failures), file=sys.stderr)
     return 0 if report.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cluster.preflight ...`: the same as `pdserve preflight`, without the CLI's imports."""
+    parser = argparse.ArgumentParser(prog="pdserve preflight", description=__doc__.splitlines()[0])
+    add_preflight_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, so the spawned ranks unpickle `cluster.preflight` functions.
+    from cluster.preflight import main as preflight_main
+
+    sys.exit(preflight_main())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,8 @@ from cluster.preflight import (
     parse_thresholds,
     run_preflight,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_busbw_factors_are_nccl_tests():
@@ -97,6 +102,15 @@ def test_cli_writes_json_and_markdown_and_fails_under_the_threshold(tmp_path, ca
     assert "| all_reduce | 4096 | float32 |" in out_md.read_text()
     assert "FAIL" in out_md.read_text()
     assert "algbw GB/s" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs_without_the_cli(tmp_path):
+    """`python -m cluster.preflight` is what the GPU machine runs (no pdserve install there)."""
+    out = tmp_path / "p.json"
+    argv = [sys.executable, "-m", "cluster.preflight", "--device", "cpu", "--sizes", "4K", "--iters", "1"]
+    done = subprocess.run([*argv, "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["passed"] is True
 
 
 @pytest.mark.gpu

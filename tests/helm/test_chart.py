@@ -496,3 +496,6 @@ def test_notes_explain_how_to_reach_the_router_and_run_the_preflight(helm):
     assert f"port-forward svc/{RELEASE}-pdserve-router" in notes
     assert f"helm test {RELEASE}" in notes
     assert "PDSERVE_EXPERT_PARALLEL_SIZE=2" in notes  # gpusPerPod > 1: the not-yet-built multi-rank worker
+    role_list = notes.split("sh -c '", 1)[1].split("'", 1)[0].replace('"$REGISTRY_URL"', "redis://r:6379/0").split()
+    assert role_list[0] == "pdserve"
+    build_parser().parse_args(role_list[1:])  # the command NOTES print is one the CLI accepts
