@@ -94,6 +94,16 @@ def test_values_files_satisfy_the_values_schema():
         jsonschema.validate(_merged(defaults, yaml.safe_load(path.read_text())), schema)
 
 
+def test_schema_enums_follow_the_engine():
+    """GPUs per pod are the expert-parallel sizes the engine accepts for 64 experts; presets exist."""
+    from engine.config import PRESET_NAMES
+    from engine.parallel import supported_ep_sizes
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    assert schema["workers"]["properties"]["gpusPerPod"]["enum"] == list(supported_ep_sizes(64))
+    assert schema["model"]["properties"]["preset"]["enum"] == list(PRESET_NAMES)
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
