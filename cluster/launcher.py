@@ -63,7 +63,7 @@ class Process:
     name: str
     popen: subprocess.Popen
     ready: dict = field(default_factory=dict)
-    tail: deque = field(default_factory=lambda: deque(maxlen=40))
+    tail: deque = field(default_factory=lambda: deque(maxlen=2000))  # the last lines of output
     _ready_event: threading.Event = field(default_factory=threading.Event)
 
     def pump(self, echo: bool) -> None:

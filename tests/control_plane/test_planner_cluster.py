@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+from cluster.launcher import ClusterSpec, LocalCluster
 from cluster.planner import Planner, PlannerConfig
 from cluster.registry import make_registry
 from router.client import AsyncClient
-from tests.integration.conftest import start_cluster
 
 LONG_PROMPTS = [[(i * 7 + j) % 250 + 20 for j in range(900)] for i in range(16)]
 SHORT_PROMPTS = [[i + 3, i + 4, i + 5] for i in range(16)]
@@ -33,7 +33,16 @@ async def phase(address: str, prompts, max_tokens: int, seconds: float, concurre
 
 
 def test_workload_shift_flips_a_worker_each_way_without_flapping():
-    cluster = start_cluster(1, 2)
+    # Pools big enough that the decode workers admit every long prompt: the queue builds on prefill.
+    spec = ClusterSpec(
+        num_prefill=1,
+        num_decode=2,
+        router_port=0,
+        http_port=0,
+        worker_args=("--num-kv-blocks", "2048", "--max-model-len", "1024"),
+        router_args=("--max-model-len", "1024"),
+    )
+    cluster = LocalCluster(spec).__enter__()
     config = PlannerConfig(
         window_s=0.5,
         sustain_windows=2,

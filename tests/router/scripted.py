@@ -30,7 +30,7 @@ class ScriptedService(GenerationService):
         self.gate: asyncio.Event | None = None  # when set, outputs wait for it after the first piece
         self.num_cancelled = 0
 
-    async def _relay(self, req, deadline) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    async def _relay(self, req, deadline, record) -> AsyncIterator[generate_pb2.GenerateResponse]:
         self.prompts.append(self.tokenizer.decode(req.prompt_ids, skip_special_tokens=False))
         pieces = self.script(req)
         try:
