@@ -174,3 +174,49 @@ def test_role_flip_shows_in_role_epoch_and_flip_counters(cluster):
     assert value(end, "pdserve_role_flips_total", from_role="decode", to_role="mixed", result="ok") == 1
     assert value(end, "pdserve_role_flips_total", from_role="mixed", to_role="decode", result="ok") == 1
     assert value(end, "pdserve_role_flip_duration_seconds_count") == 2
+
+
+def exported_names(text: str) -> set[str]:
+    """Every series name a scrape can contain: samples, and families announced without samples yet."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_dashboard_and_alert_queries_name_only_exported_metrics(cluster):
+    import json
+    import re
+    from pathlib import Path
+
+    chart = Path(__file__).resolve().parents[2] / "helm" / "pdserve"
+    dashboard = json.loads((chart / "dashboards" / "pdserve.json").read_text())
+
+    def exprs(node):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if key == "expr" and isinstance(child, str):
+                    yield child
+                else:
+                    yield from exprs(child)
+        elif isinstance(node, list):
+            for child in node:
+                yield from exprs(child)
+
+    queries = list(exprs(dashboard))
+    assert len(queries) >= 10, "the dashboard should have panels for every signal the issue lists"
+    rules = (chart / "templates" / "prometheusrule.yaml").read_text()
+    queries += re.findall(r"expr:\s*(.+)", rules)
+    exported = set()
+    for process in [cluster.router, *cluster.workers]:
+        if process.alive():
+            exported |= exported_names(scrape(process.ready["metrics_address"]))
+    used = {name for query in queries for name in re.findall(r"\bpdserve_[a-zA-Z0-9_]+", query)}
+    assert used, "no pdserve metric found in the queries"
+    missing = sorted(used - exported)
+    assert not missing, f"queries name metrics no process exports: {missing}"
