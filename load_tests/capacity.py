@@ -619,21 +619,24 @@ def _quantile(rows: list[dict], key: str, q: float) -> float | None:
 
 
 def plan_markdown(plan_: Plan) -> str:
+    q = f"p{plan_.traffic.slo.attainment * 100:g}"
     lines = ["# pdserve capacity plan", "", "```", *plan_.lines, "```", ""]
     if plan_.validation:
         lines += ["## Validation on the local launcher", ""]
         lines += [
-            "| shape | P | D | mixed | rate | sent | attainment | target | result |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| shape | P | D | mixed | rate | sent | attainment | target | {q} TTFT (ms) | {q} TPOT (ms) | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for v in plan_.validation:
             if "skipped" in v:
-                lines.append(f"| {v['shape']} | | | | | | | | skipped: {v['skipped']} |")
+                lines.append(f"| {v['shape']} | | | | | | | | | | skipped: {v['skipped']} |")
                 continue
+            ttft, tpot = v.get(f"{q}_ttft_ms"), v.get(f"{q}_tpot_ms")
             lines.append(
-                f"| {v['shape']} | {v['num_prefill']} | {v['num_decode']} "
-                f"| {v['num_mixed']} | {v['rate']:g} | {v['num_sent']} "
-                f"| {v['slo_attainment']:.1%} | {v['target']:.0%} | {'PASS' if v['passed'] else 'FAIL'} |"
+                f"| {v['shape']} | {v['num_prefill']} | {v['num_decode']} | {v['num_mixed']} | {v['rate']:g} "
+                f"| {v['num_sent']} | {v['slo_attainment']:.1%} | {v['target']:.0%} "
+                f"| {'-' if ttft is None else f'{ttft:.1f}'} | {'-' if tpot is None else f'{tpot:.2f}'} "
+                f"| {'PASS' if v['passed'] else 'FAIL'} |"
             )
         lines.append("")
     return "\n".join(lines)

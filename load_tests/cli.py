@@ -166,6 +166,10 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--max-duration", type=float, default=120.0, help="seconds of sending per run at most")
     a.add_argument("--drain-timeout", type=float, default=30.0, help="then seconds for in-flight requests to finish")
     a.add_argument("--warmup", type=int, default=0, help="unrecorded requests before each run")
+    a.add_argument(
+        "--seconds-per-run", type=float, default=None,
+        help="sweep/search: send rate × this many seconds of requests per run (at most --num-prompts)",
+    )  # fmt: skip
     s = p.add_argument_group("SLO and metrics")
     s.add_argument("--slo", default="", help='targets in ms, e.g. "ttft:1000 tpot:50" (vLLM --goodput style)')
     s.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLO")
@@ -278,6 +282,7 @@ def _run_config(args: argparse.Namespace, cluster):
         warmup_requests=args.warmup,
         num_gpus=gpus,
         progress=not args.quiet,
+        seconds_per_run=args.seconds_per_run,
     )
 
 

@@ -191,8 +191,8 @@ def summarize(
         {
             "input_lens": [r.prompt_len for r in sent],
             "output_lens": [m.output_len for m in per],
-            "ttfts": [m.ttft for m in per],
-            "itls": [m.itl for m in per],
+            "ttfts": [None if m.ttft is None else round(m.ttft, 6) for m in per],
+            "itls": [[round(x, 6) for x in m.itl] for m in per],
             "errors": [r.error for r in sent],
         }
     )
@@ -220,7 +220,7 @@ def per_request_rows(records: Sequence[RequestRecord], slo: Slo | None, start: f
         m = request_metrics(r, slo) if r.status != "NOT_SENT" else None
 
         def ms(value: float | None) -> float | None:
-            return None if value is None else value * 1000.0
+            return None if value is None else round(value * 1000.0, 3)
 
         rows.append(
             {

@@ -46,6 +46,9 @@ class RunConfig:
     warmup_requests: int = 0
     num_gpus: int | None = None  # of the deployment under test (for per-GPU goodput)
     progress: bool = True
+    # Sweeps and searches: send rate × this many seconds of requests per run (at least 10, at
+    # most the workload), so a high rate is held as long as a low one rather than over in a burst.
+    seconds_per_run: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -104,6 +107,9 @@ def build_specs(config: RunConfig) -> list[RequestSpec]:
 def execute(config: RunConfig, specs: Sequence[RequestSpec] | None = None, label: str = "") -> RunResult:
     """One bounded run: warm-up (not recorded), then the load, with the server sampled throughout."""
     specs = list(specs) if specs is not None else build_specs(config)
+    rate = config.arrival.rate
+    if config.seconds_per_run and math.isfinite(rate) and config.arrival.kind != "trace":
+        specs = specs[: max(10, math.ceil(rate * config.seconds_per_run))]
     if config.warmup_requests:
         warm = [dataclasses.replace(s, max_tokens=min(s.max_tokens, 4)) for s in specs[: config.warmup_requests]]
         run_load(config.backend, warm, [0.0] * len(warm), RunLimits(len(warm), 30, 30), max_concurrency=4)

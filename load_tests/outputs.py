@@ -59,8 +59,8 @@ def run_dir_name(index: int, summary: dict) -> str:
 
 def write_run(result: RunResult, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "result.json").write_text(_dumps(result.summary))
-    (folder / "requests.json").write_text(_dumps(result.rows))
+    (folder / "result.json").write_text(_dumps(result.summary, compact=True))
+    (folder / "requests.json").write_text(_dumps(result.rows, compact=True))
     _write_csv(folder / "requests.csv", result.rows)
     _write_csv(folder / "timeline.csv", result.timeline)
 
@@ -259,8 +259,10 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _dumps(value) -> str:
-    return json.dumps(value, indent=1, default=_json_default, allow_nan=True)
+def _dumps(value, compact: bool = False) -> str:
+    if compact:  # the per-request files: one line, as vLLM writes its results
+        return json.dumps(value, separators=(",", ":"), default=_json_default)
+    return json.dumps(value, indent=1, default=_json_default)
 
 
 def _json_default(value):

@@ -167,3 +167,15 @@ def test_a_run_writes_every_output_file(steady_server, tmp_path):
     assert 100.0 <= result["median_ttft_ms"] <= 100.0 + NOISE_MS
     assert "| run-02-rate-40 | 40.000 | 6 | 6 | 0 |" in report.read_text()
     assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())["runs"][1]["request_goodput"])
+
+
+def test_seconds_per_run_holds_each_rate_for_the_same_time(steady_server):
+    config = RunConfig(
+        BackendConfig("grpc", steady_server.grpc_address),
+        workload=WorkloadConfig("random", 100, LengthDist.parse("8"), LengthDist.parse("2")),
+        limits=RunLimits(100, 10, 10),
+        progress=False,
+        seconds_per_run=0.5,
+    )
+    assert execute(config.at_rate(40.0)).summary["num_sent"] == 20
+    assert execute(config.at_rate(4.0)).summary["num_sent"] == 10  # at least 10
