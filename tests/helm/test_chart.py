@@ -5,6 +5,7 @@ arguments the pdserve CLI accepts), and that bad values fail with the schema's m
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -457,6 +458,27 @@ def test_alerts_cover_ttft_transfers_workers_and_kv(render):
     for alert in alerts.values():
         assert alert["expr"].count("(") == alert["expr"].count(")")
         assert "{{" not in alert["expr"]
+
+
+def test_alert_rules_and_dashboard_queries_pass_promtool(render, tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian's prometheus package)")
+    import yaml
+
+    rule = render("monitoring").get("PrometheusRule", "")
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 5 rules found" in out.stdout
+    # The dashboard's queries parse too: each becomes a recording rule ($namespace made literal).
+    dashboard = json.loads((CHART / "dashboards" / "pdserve.json").read_text())
+    exprs = [t["expr"].replace("$namespace", NAMESPACE) for p in dashboard["panels"] for t in p.get("targets", [])]
+    records = [{"record": f"pdserve:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_dashboard_is_grafana_json_over_pdserve_metrics(render):
