@@ -23,6 +23,7 @@ with the host, so the whole layer can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -144,7 +145,36 @@ def _tuned_table(device_name: str) -> dict[str, dict[int, FusedMoeConfig]]:
     }
 
 
-def default_config(num_tokens: int, num_experts: int, top_k: int, *, interpreted: bool = False) -> FusedMoeConfig:
+# Shared memory a default config may plan for: under every supported GPU's per-block limit
+# (A100 164 KiB, H100/H200 227 KiB). Tuned configs were measured on their GPU and are used as they are.
+DEFAULT_SHARED_MEMORY_BYTES = 160 * 1024
+
+
+def grouped_shared_memory(cfg: FusedMoeConfig, itemsize: int) -> int:
+    """Bytes of shared memory the grouped GEMMs pipeline (per stage: an activation tile and the
+    weight tiles; gate+up loads two weight tiles), the larger of the two kernels."""
+    up = cfg.up_stages * (cfg.block_m * cfg.up_block_k + 2 * cfg.up_block_n * cfg.up_block_k) * itemsize
+    down = cfg.down_stages * (cfg.block_m * cfg.down_block_k + cfg.down_block_n * cfg.down_block_k) * itemsize
+    return max(up, down)
+
+
+def fit_shared_memory(cfg: FusedMoeConfig, itemsize: int, budget: int = DEFAULT_SHARED_MEMORY_BYTES) -> FusedMoeConfig:
+    """Fewer stages, then narrower N tiles, then shorter K tiles, until the grouped GEMMs fit `budget`."""
+    while grouped_shared_memory(cfg, itemsize) > budget:
+        if cfg.up_stages > 2 or cfg.down_stages > 2:
+            cfg = dataclasses.replace(cfg, up_stages=min(cfg.up_stages, 2), down_stages=min(cfg.down_stages, 2))
+        elif cfg.up_block_n > 32:
+            cfg = dataclasses.replace(cfg, up_block_n=cfg.up_block_n // 2, down_block_n=cfg.down_block_n // 2)
+        elif cfg.up_block_k > 32:
+            cfg = dataclasses.replace(cfg, up_block_k=cfg.up_block_k // 2, down_block_k=cfg.down_block_k // 2)
+        else:
+            break
+    return cfg
+
+
+def default_config(
+    num_tokens: int, num_experts: int, top_k: int, *, interpreted: bool = False, itemsize: int = 2
+) -> FusedMoeConfig:
     """Config for GPUs (or shapes) without tuned entries, and for the CPU interpreter."""
     if interpreted:  # few, large programs: the interpreter pays per program and per op
         if num_tokens <= 8:
@@ -172,7 +202,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, *, interpreted
         block_m, warps, block_n, stages = 64, 4, 128, 4
     else:
         block_m, warps, block_n, stages = 128, 8, 128, 3
-    return FusedMoeConfig(
+    config = FusedMoeConfig(
         block_m=block_m,
         up_block_n=block_n,
         up_block_k=64,
@@ -183,6 +213,7 @@ def default_config(num_tokens: int, num_experts: int, top_k: int, *, interpreted
         down_warps=warps,
         down_stages=stages,
     )
+    return fit_shared_memory(config, itemsize)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -200,7 +231,7 @@ def get_config(
         return default_config(num_tokens, num_experts, top_k, interpreted=True)
     buckets = _tuned_table(device_name).get(shape_key(hidden_size, inter_size, dtype))
     if not buckets:
-        return default_config(num_tokens, num_experts, top_k)
+        return default_config(num_tokens, num_experts, top_k, itemsize=dtype.itemsize)
     nearest = min(buckets, key=lambda n: (abs(math.log2(n) - math.log2(max(num_tokens, 1))), n))
     return buckets[nearest]
 

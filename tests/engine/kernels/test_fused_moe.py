@@ -491,3 +491,15 @@ def test_gpu_route(num_tokens):
     )
     assert result["ids_equal"], result
     assert result["max_weight_err"] < 1e-2, result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [16, 64, 300, 1000, 4096, 16384])
+def test_default_configs_fit_shared_memory_of_every_supported_gpu(num_tokens, dtype):
+    """An untuned GPU gets a config whose pipelined tiles fit (fp32 tiles are twice bf16's)."""
+    from engine.kernels.fused_moe import DEFAULT_SHARED_MEMORY_BYTES, default_config, grouped_shared_memory
+
+    for num_experts, top_k in ((8, 2), (64, 6)):
+        cfg = default_config(num_tokens, num_experts, top_k, itemsize=dtype.itemsize)
+        if cfg.path == "grouped":
+            assert grouped_shared_memory(cfg, dtype.itemsize) <= DEFAULT_SHARED_MEMORY_BYTES
