@@ -44,7 +44,7 @@ from engine.config import CacheConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from prefill.role import PrefillRole
 from protos.pdserve.v1 import common_pb2, registry_pb2, worker_pb2, worker_pb2_grpc
-from protos.services import NOT_SERVING, WORKER_SERVICE, add_standard_services
+from protos.services import NOT_SERVING, SERVING, WORKER_SERVICE, add_standard_services
 
 log = logging.getLogger(__name__)
 
@@ -415,12 +415,19 @@ async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
     aio_loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         aio_loop.add_signal_handler(sig, stop.set)
+    serving = True
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.5)
+            await asyncio.wait_for(stop.wait(), timeout=0.1)
+        # pdserve.v1.Worker is SERVING only while the worker takes new work: READY with a live engine
+        # loop (draining for a role switch, or a dead engine thread, reads NOT_SERVING). "" stays
+        # SERVING while the process and its engine are alive (liveness).
+        now_serving = service.loop.is_alive() and service.state == common_pb2.WORKER_STATE_READY
+        if now_serving != serving:
+            serving = now_serving
+            await health.set(WORKER_SERVICE, SERVING if serving else NOT_SERVING)
         if not service.loop.is_alive():
             await health.set("", NOT_SERVING)
-            await health.set(WORKER_SERVICE, NOT_SERVING)
     service.state = common_pb2.WORKER_STATE_STOPPING
     await health.set(WORKER_SERVICE, NOT_SERVING)
     if heartbeater is not None:

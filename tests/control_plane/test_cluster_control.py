@@ -159,3 +159,42 @@ async def _list(registry):
             await asyncio.sleep(0.1)
     finally:
         await registry.close()
+
+
+def test_a_draining_worker_reports_not_serving_until_its_switch_commits():
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cluster = start_cluster(1, 1)
+    try:
+        decode = next(w for w in cluster.workers if w.name.startswith("decode"))
+
+        def status() -> int:
+            with grpc.insecure_channel(decode.ready["grpc_address"]) as channel:
+                request = health_pb2.HealthCheckRequest(service="pdserve.v1.Worker")
+                return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+        async def scenario():
+            seen = []
+            async with AsyncClient(cluster.address, timeout=120) as client:
+                # A long stream keeps the decode worker busy, so its switch must drain.
+                stream = asyncio.create_task(
+                    client.generate(PROMPTS[1], max_tokens=400, temperature=0, ignore_eos=True)
+                )
+                await asyncio.sleep(1.0)
+                registry = make_registry(cluster.registry_url)
+                switch = asyncio.create_task(set_role(registry, "decode-1", "mixed", drain_timeout_s=60))
+                while not switch.done():
+                    seen.append(await asyncio.to_thread(status))
+                    await asyncio.sleep(0.1)
+                await stream
+                await registry.close()
+                return seen, switch.result()
+
+        seen, result = asyncio.run(scenario())
+        assert result.result == worker_pb2.SET_ROLE_RESULT_OK
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen  # while draining
+        time.sleep(0.3)
+        assert status() == health_pb2.HealthCheckResponse.SERVING  # committed: serving again
+    finally:
+        cluster.stop()
