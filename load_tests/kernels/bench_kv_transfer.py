@@ -146,14 +146,17 @@ class Rank:
         dist.isend(buffer, 1).wait()
         return self.wait_for(f"{step}/landed") - start
 
+    def receive(self, step: str, tokens: int, blocks: list[int]) -> None:
+        """Receiver side of a transport step: post first, say so, and stamp when the KV has landed."""
+        future = self.transport.expect(self.peer, step, blocks, tokens)
+        self.signal(f"{step}/posted")
+        future.result(timeout=120)
+        self.signal(f"{step}/landed", time.monotonic())
+
     def whole_once(self, step: str, tokens: int) -> float | None:
         blocks = self.blocks(tokens)
         if self.rank == 1:
-            future = self.transport.expect(self.peer, step, blocks, tokens)
-            self.signal(f"{step}/posted")
-            future.result(timeout=120)
-            self.signal(f"{step}/landed", time.monotonic())
-            return None
+            return self.receive(step, tokens, blocks)
         self.wait_for(f"{step}/posted")
         start = time.monotonic()
         self.transport.send(self.peer, step, blocks, tokens).result(timeout=120)
@@ -162,11 +165,7 @@ class Rank:
     def layerwise_once(self, step: str, tokens: int, layer_s: float) -> float | None:
         blocks = self.blocks(tokens)
         if self.rank == 1:
-            future = self.transport.expect(self.peer, step, blocks, tokens)
-            self.signal(f"{step}/posted")
-            future.result(timeout=120)
-            self.signal(f"{step}/landed", time.monotonic())
-            return None
+            return self.receive(step, tokens, blocks)
         self.wait_for(f"{step}/posted")
         stream = self.transport.open_send(self.peer, step, blocks, tokens)
         cycles = max(1, int(layer_s * self.cycles_per_s))
