@@ -20,6 +20,7 @@ stream may be made to wait for an issued gather, never for a peer.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime
 import logging
@@ -92,7 +93,7 @@ def _store_error_text(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
-class Pair:
+class Pair(abc.ABC):
     """Shared machinery: the thread, the live group generation, dropping and aborting groups."""
 
     role = ""
@@ -122,11 +123,13 @@ class Pair:
         finally:
             self._drop_group("pair closed")
 
+    @abc.abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The pair thread's body (sender or receiver)."""
 
+    @abc.abstractmethod
     def close(self, reason: FailureReason, detail: str) -> None:
-        raise NotImplementedError
+        """Fail every transfer of this pair with `reason` and stop its thread."""
 
     # ------------------------------------------------------------------ groups
     def _is_dead(self) -> bool:
