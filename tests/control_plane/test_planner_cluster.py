@@ -10,25 +10,32 @@ from cluster.planner import Planner, PlannerConfig
 from cluster.registry import make_registry
 from router.client import AsyncClient
 
-LONG_PROMPTS = [[(i * 7 + j) % 250 + 20 for j in range(900)] for i in range(16)]
-SHORT_PROMPTS = [[i + 3, i + 4, i + 5] for i in range(16)]
+def long_prompt(n: int) -> list[int]:
+    # Every request gets a prompt of its own (its first block differs), so the prefix cache never
+    # shortcuts a prefill and the queue stays long for as long as the phase runs, on any machine.
+    return [n % 200 + 20, n // 200 % 200 + 20] + [(n * 7 + j) % 250 + 20 for j in range(898)]
 
 
-async def phase(address: str, prompts, max_tokens: int, seconds: float, concurrency: int) -> int:
+def short_prompt(n: int) -> list[int]:
+    return [n % 16 + 3, n % 16 + 4, n % 16 + 5]
+
+
+async def phase(address: str, make_prompt, max_tokens: int, seconds: float, concurrency: int) -> int:
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
     done = 0
+    issued = 0
 
-    async def lane(k: int) -> None:
-        nonlocal done
+    async def lane() -> None:
+        nonlocal done, issued
         async with AsyncClient(address, timeout=120) as client:
-            i = k
             while loop.time() < end:
-                await client.generate(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                prompt = make_prompt(issued)
+                issued += 1
+                await client.generate(prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True)
                 done += 1
-                i += concurrency
 
-    await asyncio.gather(*(lane(k) for k in range(concurrency)))
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
     return done
 
 
@@ -60,9 +67,9 @@ def test_workload_shift_flips_a_worker_each_way_without_flapping():
         async def scenario():
             registry = make_registry(cluster.registry_url)
             task = asyncio.create_task(planner.run(registry))
-            prefill_done = await phase(cluster.address, LONG_PROMPTS, 1, seconds=8.0, concurrency=16)
+            prefill_done = await phase(cluster.address, long_prompt, 1, seconds=8.0, concurrency=16)
             after_prefill = dict(planner.decisions)
-            decode_done = await phase(cluster.address, SHORT_PROMPTS, 160, seconds=10.0, concurrency=16)
+            decode_done = await phase(cluster.address, short_prompt, 160, seconds=10.0, concurrency=16)
             task.cancel()
             await registry.close()
             return prefill_done, after_prefill, decode_done
