@@ -177,3 +177,36 @@ def block_extra_keys(items: Sequence[MultiModalItem], num_tokens: int, block_siz
         end = start + block_size
         keys.append(",".join(item.content_hash for item in items if item.offset < end and item.end > start))
     return keys
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image as a prompt builder gets it: the encoded bytes and their pixel size (read from
+    the file's header by whoever decoded it)."""
+
+    data: bytes
+    height: int
+    width: int
+
+
+def expand_placeholders(
+    token_ids: Sequence[int], images: Sequence[ImageInput], image_token_id: int, geometry: VisionGeometry
+) -> tuple[list[int], tuple[MultiModalItem, ...]]:
+    """Replace the i-th single `image_token_id` of `token_ids` (one per image, as the chat
+    template writes it) by image i's run of placeholders. Returns the expanded ids and the items.
+    Raises ValueError when the number of placeholders and images differ."""
+    slots = [index for index, token in enumerate(token_ids) if token == image_token_id]
+    if len(slots) != len(images):
+        raise ValueError(f"the prompt has {len(slots)} image placeholders for {len(images)} images")
+    expanded: list[int] = []
+    items: list[MultiModalItem] = []
+    cursor = 0
+    for slot, image in zip(slots, images, strict=True):
+        expanded.extend(token_ids[cursor:slot])
+        grid = image_grid(image.height, image.width, geometry)
+        count = num_placeholder_tokens(grid, geometry.merge_size)
+        items.append(MultiModalItem(IMAGE, image.data, content_hash(image.data), grid, len(expanded), count))
+        expanded.extend([image_token_id] * count)
+        cursor = slot + 1
+    expanded.extend(token_ids[cursor:])
+    return expanded, tuple(items)
