@@ -78,6 +78,7 @@ class WorkerConfig:
     registry: str = ""  # grpc://ROUTER (embedded store) or redis://host:port; "" = no registry
     metrics_port: int = 0  # /metrics (0: pick a free port)
     moe_backend: str = "auto"  # Triton kernels on CUDA, torch references on CPU (engine.backends)
+    enforce_eager: bool = False  # no CUDA-graph decode (engine.cuda_graph)
     heartbeat_interval_s: float = 0.5
     registry_ttl_s: float = 3.0
 
@@ -377,6 +378,7 @@ def build_engine(config: WorkerConfig) -> LLMEngine:
             max_model_len=config.max_model_len,
         ),
         moe_backend=config.moe_backend,
+        enforce_eager=config.enforce_eager,
     )
 
 
@@ -461,6 +463,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default="", help="grpc://ROUTER_HOST:PORT (embedded) or redis://host:port")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: pick a free one)")
     p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode eagerly (no CUDA graphs); CUDA graphs are the default on GPU",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
@@ -485,6 +492,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         registry=args.registry,
         metrics_port=args.metrics_port,
         moe_backend=args.moe_backend,
+        enforce_eager=args.enforce_eager,
     )
 
 

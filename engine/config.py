@@ -287,8 +287,16 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     moe_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch, triton: see engine.backends
+    # Decode steps replay CUDA graphs (engine.cuda_graph) on CUDA unless enforce_eager; batches of up
+    # to cuda_graph_max_batch sequences (capped by max_num_seqs) are captured.
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
 
     def __post_init__(self) -> None:
+        _require(
+            isinstance(self.cuda_graph_max_batch, int) and self.cuda_graph_max_batch >= 1,
+            f"cuda_graph_max_batch must be a positive integer, got {self.cuda_graph_max_batch!r}",
+        )
         _require(
             self.moe_backend in ("auto", "torch", "triton"),
             f"moe_backend must be auto, torch or triton, got {self.moe_backend!r}",

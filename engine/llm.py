@@ -75,6 +75,7 @@ class LLM:
         max_model_len: int | None = None,
         expert_parallel: ExpertParallel | None = None,
         moe_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         self.engine = LLMEngine.from_model(
             model,
@@ -91,6 +92,7 @@ class LLM:
             ),
             expert_parallel=expert_parallel,
             moe_backend=moe_backend,
+            enforce_eager=enforce_eager,
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

@@ -9,7 +9,7 @@ outputs; they never add branches inside `step()`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from engine.backends import model_backends
 from engine.block_manager import BlockManager, BlockStats, KVAllocation
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from engine.parallel import ExpertParallel
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _uses_decode_graphs(
+    config: EngineConfig, loaded: LoadedModel, device: torch.device, expert_parallel: ExpertParallel | None
+) -> bool:
+    """CUDA-graph decode needs CUDA, the Triton backends (the torch references synchronise with
+    the host), a model whose decode forward is capturable, and no expert parallelism (its
+    collectives run eagerly)."""
+    return (
+        device.type == "cuda"
+        and not config.enforce_eager
+        and config.moe_backend != "torch"
+        and expert_parallel is None
+        and type(loaded.model).supports_decode_graphs
+    )
 
 
 class InvalidRequestError(ValueError):
@@ -77,12 +93,26 @@ class LLMEngine:
             head_dim=model_cfg.head_dim,
             dtype=dtype,
         )
-        self.kv_cache = allocate_kv_cache(spec, device)
+        use_graphs = _uses_decode_graphs(config, loaded, device, expert_parallel)
+        # Under CUDA graphs the pool holds one block more than the block manager hands out: the
+        # scratch block that padded graph rows write into (engine.cuda_graph).
+        self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=num_blocks + int(use_graphs)), device)
         self.block_manager = BlockManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
         self.runner = ModelRunner(
             loaded.model, self.kv_cache, spec.block_size, seed=config.seed, expert_parallel=expert_parallel
         )
+        if use_graphs:
+            graphs = DecodeGraphs(
+                loaded.model,
+                self.kv_cache,
+                spec.block_size,
+                scratch_block=num_blocks,
+                max_batch=min(config.scheduler.max_num_seqs, config.cuda_graph_max_batch),
+                max_blocks_per_seq=-(-config.max_model_len // spec.block_size),
+            )
+            graphs.capture()
+            self.runner.decode_graphs = graphs
         self.runtime = RuntimeInfo(
             num_kv_blocks=num_blocks,
             block_size=spec.block_size,
@@ -107,6 +137,7 @@ class LLMEngine:
         scheduler: SchedulerConfig | None = None,
         expert_parallel: ExpertParallel | None = None,
         moe_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> LLMEngine:
         expert_range = None if expert_parallel is None else expert_parallel.expert_range
         loaded = load_model(model, device=device, dtype=dtype, seed=seed, expert_range=expert_range)
@@ -117,6 +148,7 @@ class LLMEngine:
             device=device,
             seed=seed,
             moe_backend=moe_backend,
+            enforce_eager=enforce_eager,
         )
         return cls(config, loaded, expert_parallel)
 

@@ -31,6 +31,7 @@ from engine.sampler import SamplingRow, sample
 from engine.scheduler import SampledToken, SchedulerOutput
 
 if TYPE_CHECKING:
+    from engine.cuda_graph import DecodeGraphs
     from engine.parallel import ExpertParallel
 
 _OP_STOP, _OP_STEP = 0, 1
@@ -74,6 +75,8 @@ class ModelRunner:
             )
         self.expert_parallel = expert_parallel
         self.followers_stopped = False
+        # Set by the engine when decode runs under CUDA graphs (engine.cuda_graph); None: all eager.
+        self.decode_graphs: DecodeGraphs | None = None
 
     def prepare(self, output: SchedulerOutput) -> StepInputs:
         tokens: list[int] = []
@@ -113,6 +116,8 @@ class ModelRunner:
             seq_lens=seq_lens,
             block_tables=torch.tensor(table, dtype=torch.long, device=dev),
             block_size=bs,
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=max(item.num_new_tokens for item in output.scheduled),
         )
         return StepInputs(
             input_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
@@ -127,12 +132,19 @@ class ModelRunner:
         inputs = self.prepare(output)
         if self.expert_parallel is not None:
             self._send_step(inputs)
-        hidden = self.model(inputs.input_ids, inputs.meta, self.kv_cache)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(inputs.meta, len(inputs.sample_request_ids)):
+            # A pure decode step: every row samples, in row order, so the graph's logits are the rows'.
+            logits = graphs.run(inputs.input_ids, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.meta, self.kv_cache)
+            logits = None
         for hook in self.after_forward:
             hook(inputs)
         if not inputs.sample_request_ids:
             return {}
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        if logits is None:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
         token_ids, logprobs = sample(logits, inputs.sampling, self.generator)
         return {
             rid: SampledToken(tok, lp)
@@ -175,15 +187,18 @@ def receive_step(ep: ExpertParallel, block_size: int) -> StepInputs | None:
         raise RuntimeError(f"rank 0 runs KV blocks of {sent_block_size} tokens, this rank {block_size}")
     sizes = [num_tokens, num_tokens, num_tokens, 2 * num_seqs + 1, num_seqs * max_blocks, num_rows]
     payload = ep.broadcast(torch.empty(sum(sizes), dtype=torch.long, device=ep.device))
-    input_ids, positions, slots, lengths, table, sample_rows = payload.split(sizes)
-    lengths = lengths.tolist()
+    input_ids, positions, slots, length_tensor, table, sample_rows = payload.split(sizes)
+    lengths = length_tensor.tolist()
+    starts = lengths[: num_seqs + 1]
     meta = AttentionMetadata(
         positions=positions,
         slot_mapping=slots,
-        query_start_loc=lengths[: num_seqs + 1],
+        query_start_loc=starts,
         seq_lens=lengths[num_seqs + 1 :],
         block_tables=table.view(num_seqs, max_blocks),
         block_size=block_size,
+        seq_lens_tensor=length_tensor[num_seqs + 1 :].to(torch.int32),
+        max_query_len=max(end - start for start, end in itertools.pairwise(starts)),
     )
     return StepInputs(input_ids=input_ids, meta=meta, sample_rows=sample_rows, sample_request_ids=(), sampling=())
 

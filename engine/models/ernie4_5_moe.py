@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +292,10 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
     `expert_range=(start, end)` builds MoE layers that hold only those experts (expert
     parallelism); `backends` picks the compute functions (default: the torch references).
     """
+
+    # A decode step's forward depends only on tensors (token ids, positions, slots, block tables,
+    # sequence lengths), so it can be captured and replayed as a CUDA graph (engine.cuda_graph).
+    supports_decode_graphs: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -1,0 +1,71 @@
+"""CUDA-graph decode: the buckets, when the engine uses graphs, and (on a GPU) that replayed decode
+gives the same tokens as eager decode, with padding rows that never touch a managed KV block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.cuda_graph import DecodeGraphs, bucket_sizes
+
+
+def test_buckets_cover_every_batch_size_up_to_the_maximum():
+    for max_batch in (1, 3, 8, 64, 100, 256):
+        sizes = bucket_sizes(max_batch)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_batch
+    assert bucket_sizes(256)[:12] == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80]
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        bucket_sizes(0)
+
+
+def test_graphs_need_a_cuda_kv_cache():
+    kv = torch.zeros(1, 2, 4, 16, 1, 8)
+    with pytest.raises(ValueError, match="need the KV cache on a CUDA device, got cpu"):
+        DecodeGraphs(torch.nn.Identity(), kv, 16, scratch_block=3, max_batch=4, max_blocks_per_seq=4)
+
+
+def test_cpu_engines_run_eagerly_with_no_scratch_block():
+    llm = LLM("tiny", num_kv_blocks=32)
+    assert llm.engine.runner.decode_graphs is None
+    assert llm.engine.kv_cache.shape[2] == 32
+
+
+PROMPTS = [[5 + i, 17, 33 + i, 60] * (1 + i % 4) + [100 + i] for i in range(11)]
+
+
+def _greedy(llm: LLM, prompts, max_tokens: int = 24) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [out.token_ids for out in llm.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_prompts", [1, 3, 11])
+def test_graph_decode_gives_the_eager_tokens(num_prompts):
+    prompts = PROMPTS[:num_prompts]
+    eager = LLM("tiny", device="cuda", num_kv_blocks=256, enforce_eager=True)
+    graphed = LLM("tiny", device="cuda", num_kv_blocks=256, max_num_seqs=16)
+    graphs = graphed.engine.runner.decode_graphs
+    assert graphs is not None and graphs.stats().buckets[-1] == 16
+    assert graphed.engine.kv_cache.shape[2] == 257  # 256 managed blocks + the scratch block
+    replays = 0
+    original = graphs.run
+
+    def counting_run(*args):
+        nonlocal replays
+        replays += 1
+        return original(*args)
+
+    graphs.run = counting_run
+    assert _greedy(graphed, prompts) == _greedy(eager, prompts)
+    assert replays >= 20  # the decode steps replayed graphs; the prefill steps ran eagerly
+
+
+@pytest.mark.gpu
+def test_graph_padding_rows_write_only_the_scratch_block():
+    llm = LLM("tiny", device="cuda", num_kv_blocks=64, max_num_seqs=8, enable_prefix_caching=False)
+    kv = llm.engine.kv_cache
+    before = kv[:, :, :64].clone()
+    llm.engine.runner.decode_graphs.capture()  # captures run every bucket over padding rows only
+    torch.cuda.synchronize()
+    assert torch.equal(kv[:, :, :64], before)
