@@ -8,8 +8,10 @@ Every block is in exactly one of three states:
 
 so `num_free + num_cached + num_used == num_blocks` always (`check_invariants`).
 
-Prefix caching: a full block's hash chains its parent's hash with its token ids (and the
-request's `cache_salt`, e.g. image hashes), so equal hashes mean equal prefixes. A request's
+Prefix caching: a full block's hash chains its parent's hash with its token ids, the request's
+`cache_salt` and the block's extra key (the content hashes of the images whose placeholders
+overlap it, `engine.multimodal.block_extra_keys`), so equal hashes mean equal prefixes: the same
+text with another image never shares KV. A request's
 leading blocks whose hashes are known are shared (ref_count + 1) instead of recomputed. A cached
 block is reused until a new allocation evicts it (least recently freed first, after plain free
 blocks run out).
@@ -25,6 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.multimodal import block_extra_keys
 from engine.request import Request
 
 
@@ -50,22 +53,36 @@ class BlockStats:
         return self.num_used / self.num_total if self.num_total else 0.0
 
 
-def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: str = "") -> bytes:
-    """Chained, process-independent hash of one full block (sha256; Python's hash() is salted)."""
+def hash_block(parent: bytes | None, token_ids: Sequence[int], salt: str = "", extra_key: str = "") -> bytes:
+    """Chained, process-independent hash of one full block (sha256; Python's hash() is salted).
+
+    `extra_key` is content the block's tokens do not show (its images' hashes); an empty key
+    leaves the hash of a text-only block as it always was.
+    """
     h = hashlib.sha256()
     h.update(parent or b"\0" * 32)
     h.update(salt.encode())
     h.update(b"|")
     h.update(",".join(map(str, token_ids)).encode())
+    if extra_key:  # token ids are digits and commas, so '#' cannot be confused with them
+        h.update(b"#")
+        h.update(extra_key.encode())
     return h.digest()
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int, salt: str = "") -> list[bytes]:
-    """Hashes of every full block of `token_ids` (what a router uses to find cached prefixes)."""
+def prompt_block_hashes(
+    token_ids: Sequence[int], block_size: int, salt: str = "", extra_keys: Sequence[str] = ()
+) -> list[bytes]:
+    """Hashes of every full block of `token_ids` (what a router uses to find cached prefixes).
+
+    `extra_keys[i]` is block i's extra key (`engine.multimodal.block_extra_keys`); blocks past
+    its end have none.
+    """
     hashes: list[bytes] = []
     parent = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], salt)
+    for index, start in enumerate(range(0, len(token_ids) - block_size + 1, block_size)):
+        extra_key = extra_keys[index] if index < len(extra_keys) else ""
+        parent = hash_block(parent, token_ids[start : start + block_size], salt, extra_key)
         hashes.append(parent)
     return hashes
 
@@ -207,10 +224,16 @@ class BlockManager:
         tokens = request.all_token_ids
         num_full = len(tokens) // self.block_size
         hashes = request.block_hashes
+        if len(hashes) >= num_full:
+            return
+        extra_keys = block_extra_keys(request.mm_items, len(tokens), self.block_size) if request.mm_items else ()
         while len(hashes) < num_full:
-            start = len(hashes) * self.block_size
+            index = len(hashes)
+            start = index * self.block_size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[start : start + self.block_size], request.cache_salt))
+            extra_key = extra_keys[index] if extra_keys else ""
+            block_tokens = tokens[start : start + self.block_size]
+            hashes.append(hash_block(parent, block_tokens, request.cache_salt, extra_key))
 
     def _num_new_blocks(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int]) -> int:
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -21,6 +21,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from engine.multimodal import MultiModalItem
 from engine.sampling_params import SamplingParams
 
 
@@ -80,8 +81,11 @@ class Request:
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
-    # Extra content that the prefix-cache hash of every block must include (e.g. image hashes).
+    # Extra content that the prefix-cache hash of every block must include.
     cache_salt: str = ""
+    # The prompt's images, in prompt order (ERNIE-4.5-VL); their content hashes enter the hashes
+    # of the blocks their placeholders overlap. A decode worker gets them without `data`.
+    mm_items: tuple[MultiModalItem, ...] = ()
     # A prefill role sets this: on its last token the request moves to SENDING_KV and keeps its
     # blocks until the role has sent them and frees them itself.
     keep_kv: bool = False

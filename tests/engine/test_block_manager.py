@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine.block_manager import BlockManager, hash_block, prompt_block_hashes
+from engine.multimodal import IMAGE, MultiModalItem, block_extra_keys, content_hash
 from engine.request import Request
 
 
@@ -117,6 +118,39 @@ def test_prompt_block_hashes_match_the_managers_chain():
     assert len(hashes) == 2
     assert hashes[0] == hash_block(None, tokens[:4])
     assert hashes[1] == hash_block(hashes[0], tokens[4:8])
+
+
+def _image(data: bytes, offset: int, num_tokens: int) -> MultiModalItem:
+    return MultiModalItem(IMAGE, data, content_hash(data), (1, 2, 2 * num_tokens), offset, num_tokens)
+
+
+def test_same_text_with_another_image_shares_only_the_blocks_before_the_image():
+    bm = BlockManager(num_blocks=16, block_size=2)
+    tokens = [5, 6, 7, 9, 9, 9, 8, 3, 1]  # image placeholders at [3, 6)
+    first = make_request("a", tokens)
+    first.mm_items = (_image(b"cat", 3, 3),)
+    admit(bm, first)
+    other = make_request("b", tokens)
+    other.mm_items = (_image(b"dog", 3, 3),)
+    assert bm.get_computed_blocks(other) == [0]  # block 1 holds token 3, a placeholder
+    same = make_request("c", tokens)
+    same.mm_items = (_image(b"cat", 3, 3),)
+    assert bm.get_computed_blocks(same) == [0, 1, 2, 3]
+    text_only = make_request("d", tokens)
+    assert bm.get_computed_blocks(text_only) == [0]
+
+
+def test_prompt_block_hashes_with_image_keys_match_the_managers_chain():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = list(range(3)) + [9] * 5 + list(range(6))  # placeholders at [3, 8): blocks 0 and 1
+    request = make_request("a", tokens)
+    request.mm_items = (_image(b"png bytes", 3, 5),)
+    admit(bm, request)
+    keys = block_extra_keys(request.mm_items, len(tokens), 4)
+    assert keys == [content_hash(b"png bytes")] * 2 + [""]
+    assert prompt_block_hashes(tokens, 4, extra_keys=keys) == request.block_hashes
+    assert prompt_block_hashes(tokens, 4) != request.block_hashes
+    assert hash_block(None, tokens[:4], extra_key="") == prompt_block_hashes(tokens, 4)[0]
 
 
 def test_duplicate_content_computed_twice_keeps_one_cache_entry():
