@@ -1,9 +1,11 @@
 """Engine benchmarks on one GPU: the decode step against its floor, and prefill throughput (a
 script, not a test).
 
-    python -m load_tests.bench_engine decode  [--model ernie-4.5-21b-a3b] [--batches 1,8,64,256]
-                                              [--contexts 1024,8192] [--out benchmarks/results]
-    python -m load_tests.bench_engine prefill [--model ernie-4.5-21b-a3b] [--prompts 1024,8192,32768]
+    python -m load_tests.bench_engine all|decode|prefill [--model ernie-4.5-21b-a3b]
+        [--batches 1,8,64,256] [--contexts 1024,8192] [--prompts 1024,8192,32768] [--chunk 8192]
+        [--out benchmarks/results]
+
+Both run on one engine (built once, sized for the largest batch, context and prompt).
 
 decode   For each (batch B, context C) that fits the KV pool: B requests whose C-token prompts
          are already "in the cache" (blocks allocated through the decode role's preallocate /
@@ -166,11 +168,19 @@ def time_steps(engine: LLMEngine, num_steps: int) -> tuple[list[float], list[int
     return times, touched
 
 
-def bench_decode(args: argparse.Namespace) -> dict[str, Any]:
+def shared_engine(args: argparse.Namespace) -> LLMEngine:
+    """One engine for both benchmarks (the 21B preset takes a while to build): room for the
+    largest batch, the longest context and the longest prompt."""
+    batches = [int(b) for b in args.batches.split(",")]
+    longest = max(int(c) for c in args.contexts.split(",")) + args.steps + 16
+    longest = max(longest, max(int(p) for p in args.prompts.split(",")) + 16)
+    return make_engine(args, longest, max(batches), chunk=args.chunk)
+
+
+def bench_decode(args: argparse.Namespace, engine: LLMEngine) -> dict[str, Any]:
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    engine = make_engine(args, max(contexts) + args.steps + 16, max(batches), chunk=2048)
     model = engine.loaded.model
     weights = WeightBytes.of(model)
     spec = engine.runtime.kv_spec
@@ -244,10 +254,9 @@ def active_flops_per_token(engine: LLMEngine) -> float:
     return flops
 
 
-def bench_prefill(args: argparse.Namespace) -> dict[str, Any]:
+def bench_prefill(args: argparse.Namespace, engine: LLMEngine) -> dict[str, Any]:
     device = torch.device(args.device)
     prompts = [int(p) for p in args.prompts.split(",")]
-    engine = make_engine(args, max(prompts) + 16, 4, chunk=args.chunk)
     cfg = engine.loaded.config
     peak = matmul_tflops(device, args.matmul_size)
     name = device_name(device)
@@ -337,7 +346,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["decode", "prefill"])
+    parser.add_argument("what", choices=["decode", "prefill", "all"])
     parser.add_argument("--model", default="ernie-4.5-21b-a3b")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,8192")
@@ -354,19 +363,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA GPU here (use --device cpu --model tiny only to smoke-test the script)")
-    result = bench_decode(args) if args.what == "decode" else bench_prefill(args)
+    engine = shared_engine(args)
     device = device_name(torch.device(args.device))
-    result.update(
-        device=device,
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        commit=args.git_commit or git_commit(),
-        torch=torch.__version__,
-    )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"engine_{args.what}_{device.replace(' ', '_')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(f"wrote {args.out / stem}.json and .md")
+    for what, bench in (("decode", bench_decode), ("prefill", bench_prefill)):
+        if args.what not in (what, "all"):
+            continue
+        result = bench(args, engine)
+        result.update(
+            device=device,
+            date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            commit=args.git_commit or git_commit(),
+            torch=torch.__version__,
+        )
+        stem = f"engine_{what}_{device.replace(' ', '_')}"
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(result))
+        print(f"wrote {args.out / stem}.json and .md", flush=True)
 
 
 if __name__ == "__main__":
