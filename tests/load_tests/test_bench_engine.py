@@ -10,10 +10,8 @@ from load_tests import bench_engine
 
 def test_decode_and_prefill_benchmarks_write_their_results(tmp_path):
     common = ["--device", "cpu", "--model", "tiny", "--out", str(tmp_path), "--git-commit", "abc1234"]
-    bench_engine.main(
-        ["decode", "--batches", "1,3", "--contexts", "40", "--steps", "2", "--copy-bytes", "65536", *common]
-    )
-    bench_engine.main(["prefill", "--prompts", "40,100", "--chunk", "64", "--matmul-size", "64", *common])
+    sizes = ["--batches", "1,3", "--contexts", "40", "--steps", "2", "--prompts", "40,100", "--chunk", "64"]
+    bench_engine.main(["all", *sizes, "--copy-bytes", "65536", "--matmul-size", "64", *common])
     decode = json.loads((tmp_path / "engine_decode_cpu.json").read_text())
     assert decode["commit"] == "abc1234" and decode["device"] == "cpu"
     rows = {(r["batch"], r["context"]): r for r in decode["rows"]}
