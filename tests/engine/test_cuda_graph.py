@@ -69,3 +69,37 @@ def test_graph_padding_rows_write_only_the_scratch_block():
     llm.engine.runner.decode_graphs.capture()  # captures run every bucket over padding rows only
     torch.cuda.synchronize()
     assert torch.equal(kv[:, :, :64], before)
+
+
+@pytest.mark.gpu
+def test_decode_worker_continues_a_handed_over_prompt_under_graphs():
+    """The PD hand-off on one GPU: engine A prefills eagerly, the prompt's KV blocks are copied into
+    engine B's pool (what the transport does), and B decodes under CUDA graphs: the tokens are the
+    single eager engine's."""
+    from engine.llm_engine import LLMEngine
+    from engine.scheduler import SampledToken
+
+    prompts = PROMPTS[:5]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    expected = _greedy(LLM("tiny", device="cuda", num_kv_blocks=256, enforce_eager=True), prompts, 20)
+    prefill = LLMEngine.from_model("tiny", device="cuda", enforce_eager=True)
+    decode = LLMEngine.from_model("tiny", device="cuda")
+    assert decode.runner.decode_graphs is not None
+    block_size = decode.runtime.block_size
+    handed = []
+    for i, prompt in enumerate(prompts):
+        sent = prefill.add_request(f"p{i}", prompt, params)
+        while not sent.output_token_ids:
+            prefill.step()
+        received = decode.make_request(f"d{i}", prompt, params)
+        assert decode.preallocate(received) is not None
+        num_blocks = -(-len(prompt) // block_size)
+        src = torch.tensor(sent.block_ids[:num_blocks], device="cuda")
+        dst = torch.tensor(received.block_ids[:num_blocks], device="cuda")
+        decode.kv_cache[:, :, dst] = prefill.kv_cache[:, :, src]
+        decode.adopt(received, SampledToken(sent.output_token_ids[0], None))
+        prefill.abort(f"p{i}")
+        handed.append(received)
+    while decode.has_unfinished:
+        decode.step()
+    assert [list(r.output_token_ids) for r in handed] == [list(t) for t in expected]
