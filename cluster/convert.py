@@ -2,13 +2,21 @@
 
 Unset optional proto fields take the engine's defaults; values the engine does not support
 (`min_p`, penalties) are refused rather than silently ignored.
+
+Images (`MultiModalItem`): the router sends each item with its bytes; a worker keeps them only
+where it prefills the prompt (`mm_items_from_proto(..., keep_data=False)` on a decode worker
+whose prompt a peer prefills: it forwards the request, bytes included, and its own engine gets
+the items without them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
+from engine.multimodal import IMAGE, MultiModalItem, check_items, content_hash
 from engine.request import TokenLogprobs
 from engine.sampling_params import SamplingParams, SamplingParamsError
-from protos.pdserve.v1 import common_pb2
+from protos.pdserve.v1 import common_pb2, worker_pb2
 
 FINISH_REASONS = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -84,12 +92,71 @@ def logprobs_from_proto(msg: common_pb2.TokenLogprobs) -> TokenLogprobs:
     )
 
 
+_MODALITIES = {IMAGE: worker_pb2.MODALITY_IMAGE}
+_MODALITY_NAMES = {value: name for name, value in _MODALITIES.items()}
+
+
+class MultiModalError(ValueError):
+    """Items a worker cannot use (bad modality or placement, bytes that do not match their hash)."""
+
+
+def mm_items_to_proto(items: Iterable[MultiModalItem]) -> list[worker_pb2.MultiModalItem]:
+    return [
+        worker_pb2.MultiModalItem(
+            modality=_MODALITIES[item.modality],
+            data=item.data,
+            content_hash=item.content_hash,
+            grid_t=item.grid_thw[0],
+            grid_h=item.grid_thw[1],
+            grid_w=item.grid_thw[2],
+            offset=item.offset,
+            num_tokens=item.num_tokens,
+        )
+        for item in items
+    ]
+
+
+def mm_items_from_proto(
+    msgs: Sequence[worker_pb2.MultiModalItem], num_prompt_tokens: int, keep_data: bool = True
+) -> tuple[MultiModalItem, ...]:
+    """The engine's items. `keep_data=False` drops the bytes (a decode worker whose prompt a peer
+    prefills). Raises MultiModalError naming the item: unknown modality, items out of order or
+    outside the prompt, or (when kept) bytes whose sha256 is not their content_hash."""
+    items = []
+    for index, msg in enumerate(msgs):
+        modality = _MODALITY_NAMES.get(msg.modality)
+        if modality is None:
+            raise MultiModalError(f"mm_items[{index}]: unknown modality {msg.modality}")
+        if keep_data and content_hash(msg.data) != msg.content_hash:
+            raise MultiModalError(f"mm_items[{index}]: data does not match content_hash {msg.content_hash[:16]}...")
+        try:
+            item = MultiModalItem(
+                modality,
+                msg.data if keep_data else b"",
+                msg.content_hash,
+                (msg.grid_t, msg.grid_h, msg.grid_w),
+                msg.offset,
+                msg.num_tokens,
+            )
+        except ValueError as exc:
+            raise MultiModalError(f"mm_items[{index}]: {exc}") from None
+        items.append(item)
+    try:
+        check_items(items, num_prompt_tokens)
+    except ValueError as exc:
+        raise MultiModalError(str(exc)) from None
+    return tuple(items)
+
+
 __all__ = [
     "FINISH_REASONS",
     "FINISH_REASON_NAMES",
+    "MultiModalError",
     "SamplingParamsError",
     "logprobs_from_proto",
     "logprobs_to_proto",
+    "mm_items_from_proto",
+    "mm_items_to_proto",
     "sampling_from_proto",
     "sampling_to_proto",
 ]

@@ -81,6 +81,9 @@ class WorkerConfig:
     enforce_eager: bool = False  # no CUDA-graph decode (engine.cuda_graph)
     heartbeat_interval_s: float = 0.5
     registry_ttl_s: float = 3.0
+    # Largest gRPC message the worker accepts: a Decode / Prefill request carries its prompt's
+    # images (up to the router's --max-images-per-request x --max-image-bytes, plus the prompt).
+    max_message_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -385,7 +388,7 @@ def build_engine(config: WorkerConfig) -> LLMEngine:
 async def serve(config: WorkerConfig, ready_out=sys.stdout) -> None:
     engine = build_engine(config)
     service = WorkerService(config, engine)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_message_bytes)])
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health = add_standard_services(server, [WORKER_SERVICE])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -464,6 +467,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: pick a free one)")
     p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=256 << 20,
+        help="largest Decode / Prefill request accepted (prompt plus its images' bytes)",
+    )
+    p.add_argument(
         "--enforce-eager",
         action="store_true",
         help="run decode eagerly (no CUDA graphs); CUDA graphs are the default on GPU",
@@ -493,6 +502,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         metrics_port=args.metrics_port,
         moe_backend=args.moe_backend,
         enforce_eager=args.enforce_eager,
+        max_message_bytes=args.max_message_bytes,
     )
 
 

@@ -30,6 +30,10 @@ from tokenizers import Tokenizer as _BackendTokenizer
 from engine.config import PRESET_NAMES
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+# The tiny tokenizer plus ERNIE-4.5-VL's image / video tokens (engine/assets/tiny-vl/make_tokenizer.py).
+TINY_VL_DIR = TINY_DIR.parent / "tiny-vl"
+# Presets that see images use the tiny-vl tokenizer; every other preset uses the tiny one.
+VL_PRESET_NAMES = ("tiny-vl", "ernie-4.5-vl-28b-a3b")
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 
 
@@ -66,6 +70,9 @@ class Tokenizer:
         config = _read_json(folder / "tokenizer_config.json")
         backend = _load_backend(folder)
         special = {name: token for name in _SPECIAL_TOKEN_NAMES if (token := _token_text(config.get(name)))}
+        extra = config.get("extra_special_tokens")  # {"image_token": "<|IMAGE_PLACEHOLDER|>", ...}
+        if isinstance(extra, dict):
+            special.update({name: token for name, value in extra.items() if (token := _token_text(value))})
         return cls(backend, special, _chat_template(folder, config), _generation_eos_ids(folder))
 
     @classmethod
@@ -75,17 +82,16 @@ class Tokenizer:
 
     @classmethod
     def for_model(cls, model: str) -> Tokenizer:
-        """The tokenizer of a model folder, or of a random-weight preset (which all use the tiny one).
+        """The tokenizer of a model folder, or of a random-weight preset (tiny, or tiny-vl for
+        the presets that see images: `model_dir`).
 
         Torch-free, so the router can call it without loading the model.
         """
-        if Path(model).is_dir():
-            return cls.from_dir(model)
-        if model in PRESET_NAMES:
-            return cls.tiny()
-        raise TokenizerError(
-            f"model {model!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor an existing model folder"
-        )
+        return cls.from_dir(model_dir(model))
+
+    def special_token_id(self, name: str) -> int | None:
+        """Id of a named special token (`"image_token"`, `"eos_token"`, ...), None if it has none."""
+        return self._token_id(self.special_tokens.get(name))
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
@@ -172,6 +178,19 @@ class IncrementalDetokenizer:
 # ---------------------------------------------------------------------------------------------
 # Folder reading
 # ---------------------------------------------------------------------------------------------
+
+
+def model_dir(model: str) -> Path:
+    """The folder holding a model's tokenizer and processor files: the model folder itself, or a
+    preset's committed assets (engine/assets/tiny-vl for the presets that see images, else tiny)."""
+    if Path(model).is_dir():
+        return Path(model)
+    if model in VL_PRESET_NAMES:
+        return TINY_VL_DIR
+    if model in PRESET_NAMES:
+        return TINY_DIR
+    names = ", ".join(dict.fromkeys((*PRESET_NAMES, *VL_PRESET_NAMES)))
+    raise TokenizerError(f"model {model!r} is neither a preset ({names}) nor an existing model folder")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -7,6 +7,13 @@
             print(chunk.text, end="", flush=True)
 
 `AsyncClient` has the same methods as coroutines / async iterators.
+
+Images (vision models): chat messages take OpenAI-style content arrays, whose image parts are
+`{"type": "image_url", "image_url": {"url": ...}}` or `{"type": "image", "image": <bytes or URL>}`;
+a text or token-id prompt takes `images=[...]` (bytes or URLs), one placeholder token per image:
+
+    client.generate([{"role": "user", "content": [{"type": "image", "image": png_bytes},
+                                                   {"type": "text", "text": "What is this?"}]}])
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from cluster.convert import FINISH_REASON_NAMES
 from protos.pdserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc
 
 Prompt = str | Sequence[int] | Sequence[dict]
+Image = bytes | str  # the encoded file, or a data: / http(s) URL
 
 
 @dataclass
@@ -46,22 +54,59 @@ class GenerateResult:
             self.matched_stop = getattr(message, kind) if kind else None
 
 
+def image_part(image: Image, detail: str = "") -> generate_pb2.ImagePart:
+    """An image as the API takes it: the encoded file (bytes) or a URL (str)."""
+    if isinstance(image, bytes):
+        return generate_pb2.ImagePart(data=image, detail=detail)
+    return generate_pb2.ImagePart(url=image, detail=detail)
+
+
+def content_part(part: str | dict) -> generate_pb2.ContentPart:
+    """One entry of an OpenAI-style content array (see the module doc)."""
+    if isinstance(part, str):
+        return generate_pb2.ContentPart(text=part)
+    kind = part.get("type", "text")
+    if kind == "text":
+        return generate_pb2.ContentPart(text=part["text"])
+    if kind == "image_url":
+        url = part["image_url"]
+        if isinstance(url, dict):
+            return generate_pb2.ContentPart(image=image_part(url["url"], url.get("detail", "")))
+        return generate_pb2.ContentPart(image=image_part(url))
+    if kind == "image":
+        return generate_pb2.ContentPart(image=image_part(part["image"], part.get("detail", "")))
+    raise ValueError(f"content part type {kind!r} is not one of text, image_url, image")
+
+
+def chat_message(message: dict) -> generate_pb2.ChatMessage:
+    content = message.get("content")
+    if isinstance(content, list):
+        fields = {k: v for k, v in message.items() if k != "content"}
+        return generate_pb2.ChatMessage(**fields, content_parts=[content_part(p) for p in content])
+    return generate_pb2.ChatMessage(**message)
+
+
 def build_request(
     prompt: Prompt,
     *,
     model: str = "",
     request_id: str = "",
     chat_template_kwargs: dict | None = None,
+    images: Sequence[Image] = (),
     **sampling,
 ) -> generate_pb2.GenerateRequest:
-    """`prompt` is text, a list of token ids, or chat messages (`[{"role": ..., "content": ...}]`)."""
+    """`prompt` is text, a list of token ids, or chat messages (`[{"role": ..., "content": ...}]`).
+    `images` go with a text or token-id prompt (a chat's images are in its messages)."""
     request = generate_pb2.GenerateRequest(
-        model=model, request_id=request_id, sampling=common_pb2.SamplingParams(**sampling)
+        model=model,
+        request_id=request_id,
+        sampling=common_pb2.SamplingParams(**sampling),
+        images=[image_part(image) for image in images],
     )
     if isinstance(prompt, str):
         request.text = prompt
     elif prompt and isinstance(prompt[0], dict):
-        request.chat.messages.extend(generate_pb2.ChatMessage(**m) for m in prompt)
+        request.chat.messages.extend(chat_message(m) for m in prompt)
         if chat_template_kwargs:
             kwargs = struct_pb2.Struct()
             kwargs.update(chat_template_kwargs)

@@ -4,6 +4,13 @@
 Prints `READY {json}` on stdout once listening (`grpc_address`, and `http_address` unless the
 HTTP API is off), like the workers, for launchers. API keys (`--api-key`, `--api-key-file`, or
 the `PDSERVE_API_KEY` environment variable, read here and nowhere else) guard both front ends.
+
+Images (models with a `preprocessor_config.json`, e.g. ERNIE-4.5-VL or the `tiny-vl` preset):
+`--max-images-per-request`, `--max-image-bytes`, `--max-image-pixels`, `--image-fetch-timeout`,
+`--allow-private-image-urls`, `--image-url-allow-hosts`, `--image-min-pixels` and
+`--image-max-pixels` (see `router.media`). Both front ends then accept bodies up to
+`--max-request-bytes` plus room for that many images of that size; the workers' gRPC message
+limit (`pdserve worker --max-message-bytes`, 256 MiB by default) must hold the same.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from engine.tokenizer import Tokenizer
 from protos.pdserve.v1 import generate_pb2_grpc, registry_pb2_grpc
 from protos.services import GENERATION_SERVICE, NOT_SERVING, SERVING, add_standard_services
 from router.auth import ApiKeyInterceptor, ApiKeys, load_api_keys
+from router.media import MediaConfig, vision_spec
 from router.openai_api import OpenAIServer, start_http, stop_http
 from router.reasoning import PARSER_NAMES, reasoning_parser_enabled
 from router.server import GenerationService, RouterConfig
@@ -61,6 +69,7 @@ async def serve(
 ) -> None:
     frontend = frontend or FrontendConfig()
     tokenizer = Tokenizer.for_model(config.model_id)
+    vision = vision_spec(config.model_id, tokenizer, config.media)
     pool = WorkerPool(worker_addresses)
     registry = None
     if worker_addresses:  # a static list: poll each worker's GetLoad
@@ -70,10 +79,10 @@ async def serve(
         pool.start_watching(registry)
     metrics = RouterMetrics(config.model_id)
     metrics.watch_circuits(lambda: {h.worker_id: h.suspended for h in pool.workers.values()})
-    service = GenerationService(config, tokenizer, pool, metrics=metrics, log_json=frontend.log_json)
+    service = GenerationService(config, tokenizer, pool, metrics=metrics, log_json=frontend.log_json, vision=vision)
     interceptors = [ApiKeyInterceptor(frontend.api_keys)] if frontend.api_keys.enabled else []
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", config.max_request_bytes + (64 << 10))],
+        options=[("grpc.max_receive_message_length", service.max_body_bytes + (64 << 10))],
         interceptors=interceptors,
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
@@ -117,6 +126,7 @@ async def serve(
     if http_runner is not None:
         await stop_http(http_runner)
     await server.stop(grace=1.0)
+    await service.close()
     await pool.close()
     if registry is not None:
         await registry.close()
@@ -143,6 +153,36 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="format of the per-request log")
     p.add_argument("--api-key", default=None, help=f"require this key on both APIs (also: ${API_KEY_ENV})")
     p.add_argument("--api-key-file", default=None, help="require one of the keys in this file (one per line)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request, images aside")
+    media = MediaConfig()
+    p.add_argument("--max-images-per-request", type=int, default=media.max_images_per_request)
+    p.add_argument("--max-image-bytes", type=int, default=media.max_image_bytes, help="encoded size of one image")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=media.max_image_pixels, help="decoded width x height of one image"
+    )
+    p.add_argument("--image-fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds per image URL")
+    p.add_argument(
+        "--allow-private-image-urls",
+        action="store_true",
+        help="let image URLs reach private, loopback and link-local addresses (refused by default: SSRF)",
+    )
+    p.add_argument(
+        "--image-url-allow-hosts",
+        default="",
+        help="host names, addresses or CIDR networks image URLs may reach even when not public (comma-separated)",
+    )
+    p.add_argument(
+        "--image-min-pixels",
+        type=int,
+        default=None,
+        help="images are scaled up to at least this many pixels (default: the model's preprocessor_config.json)",
+    )
+    p.add_argument(
+        "--image-max-pixels",
+        type=int,
+        default=None,
+        help="images are scaled down to at most this many pixels: fewer tokens per image (default: the model's)",
+    )
     p.add_argument(
         "--reasoning-parser",
         default="auto",
@@ -160,6 +200,17 @@ def run(args: argparse.Namespace) -> int:
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         max_inflight=args.max_inflight,
         max_queued=args.max_queued,
+        max_request_bytes=args.max_request_bytes,
+        media=MediaConfig(
+            max_images_per_request=args.max_images_per_request,
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+            fetch_timeout_s=args.image_fetch_timeout,
+            allow_private_urls=args.allow_private_image_urls,
+            allowed_hosts=tuple(h.strip() for h in args.image_url_allow_hosts.split(",") if h.strip()),
+            image_min_pixels=args.image_min_pixels,
+            image_max_pixels=args.image_max_pixels,
+        ),
     )
     frontend = FrontendConfig(
         http_port=None if args.http_port < 0 else args.http_port,

@@ -249,7 +249,7 @@ def _api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, RequestError):
-        return error_from_status(exc.code, exc.message)
+        return error_from_status(exc.code, exc.message, exc.param, exc.error_code)
     log.error("request failed: %r", exc, exc_info=exc)
     return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
 
@@ -277,9 +277,7 @@ class OpenAIServer:
         self.created = int(time.time())
 
     def make_app(self) -> web.Application:
-        app = web.Application(
-            middlewares=[self._errors, self._auth], client_max_size=self.service.config.max_request_bytes
-        )
+        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=self.service.max_body_bytes)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)

@@ -13,6 +13,11 @@ Thinking mode: `chat_template_kwargs.enable_thinking` (vLLM's way) or
 `metadata.enable_thinking` (FastDeploy's way; a bool or "true"/"false"), default on. It reaches
 the chat template and switches the reasoning parser for the request.
 
+Images: a chat message's `content` array may hold `{"type": "image_url", "image_url": {"url":
+..., "detail": ...}}` parts (data: URLs or http(s) URLs) beside text parts; they become
+`ChatMessage.content_parts`, one per array entry, so the router's errors name the OpenAI path
+(`messages[0].content[1]`). Checking and fetching them is the router's (`router.media`).
+
 Tool choice: `none` leaves the tools out of the prompt and does not parse calls; `auto`
 (default) parses calls the model writes; `required` and a named function make the model write
 one by opening the assistant turn with the start of a call (`<tool_call>{"name": "` or the whole
@@ -93,11 +98,16 @@ _SAMPLING_PARAMS = {
 }
 
 
-def error_from_status(code: grpc.StatusCode, message: str) -> ApiError:
-    status, kind, error_code = _STATUS_MAP.get(code, (500, "server_error", None))
-    word = re.match(r"\w+", message)
-    param = word.group(0) if word and word.group(0) in _SAMPLING_PARAMS else None
-    return ApiError(status, message, type=kind, param=param, code=error_code)
+def error_from_status(
+    code: grpc.StatusCode, message: str, param: str | None = None, error_code: str | None = None
+) -> ApiError:
+    """The HTTP error of a gRPC status. `param` / `error_code` when the caller knows them; else a
+    message that starts with a sampling field's name names that field."""
+    status, kind, default_code = _STATUS_MAP.get(code, (500, "server_error", None))
+    if param is None:
+        word = re.match(r"\w+", message)
+        param = word.group(0) if word and word.group(0) in _SAMPLING_PARAMS else None
+    return ApiError(status, message, type=kind, param=param, code=error_code or default_code)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +437,8 @@ def _message(item: Any, path: str) -> generate_pb2.ChatMessage:
     role = _get(item, "role", "string", f"{path}.")
     if role not in _ROLES:
         raise _bad(f"{path}.role", f"'{path}.role' must be one of {', '.join(_ROLES)}, got {role!r}")
-    message = generate_pb2.ChatMessage(role=_ROLES[role], content=_content(item, f"{path}."))
+    content, parts = _content(item, f"{path}.")
+    message = generate_pb2.ChatMessage(role=_ROLES[role], content=content, content_parts=parts)
     for name in ("name", "tool_call_id"):
         value = _get(item, name, "string", f"{path}.")
         if value is not None:
@@ -440,23 +451,50 @@ def _message(item: Any, path: str) -> generate_pb2.ChatMessage:
     return message
 
 
-def _content(item: dict, path: str) -> str:
+def _content(item: dict, path: str) -> tuple[str, list[generate_pb2.ContentPart]]:
+    """(text, []) for text content (parts joined); ("", parts) when any part is an image, the
+    parts one for one with the array's entries, so `content_parts[j]` is `content[j]`."""
     content = _get(item, "content", "string|array", path)
     if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
+        return content or "", []
+    parts = []
     for k, part in enumerate(content):
         where = f"{path}content[{k}]"
         if isinstance(part, str):
-            texts.append(part)
+            parts.append(generate_pb2.ContentPart(text=part))
             continue
         if not isinstance(part, dict):
             raise ApiError(400, f"'{where}' must be object, got {_json_type(part)}", param=where, code="invalid_type")
         kind = _get(part, "type", "string", f"{where}.") or "text"
-        if kind != "text":
-            raise _bad(f"{where}.type", f"content part type {kind!r} is not supported (text only)")
-        texts.append(_get(part, "text", "string", f"{where}.") or "")
-    return "".join(texts)
+        if kind == "text":
+            parts.append(generate_pb2.ContentPart(text=_get(part, "text", "string", f"{where}.") or ""))
+        elif kind == "image_url":
+            parts.append(generate_pb2.ContentPart(image=_image_url(part, where)))
+        else:
+            raise _bad(f"{where}.type", f"content part type {kind!r} is not supported (text and image_url only)")
+    if all(p.WhichOneof("part") == "text" for p in parts):
+        return "".join(p.text for p in parts), []
+    return "", parts
+
+
+def _image_url(part: dict, where: str) -> generate_pb2.ImagePart:
+    """`{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` (or the URL as a string).
+    The URL (data: or http(s)) is fetched and checked by the router (`router.media`)."""
+    image_url = _get(part, "image_url", "string|object", f"{where}.")
+    if image_url is None:
+        raise ApiError(
+            400, f"'{where}.image_url' is required", param=f"{where}.image_url", code="missing_required_parameter"
+        )
+    if isinstance(image_url, str):
+        url, detail = image_url, None
+    else:
+        url = _get(image_url, "url", "string", f"{where}.image_url.")
+        detail = _get(image_url, "detail", "string", f"{where}.image_url.")
+    if not url:
+        raise _bad(f"{where}.image_url.url", f"'{where}.image_url.url' is required")
+    if detail not in (None, "auto", "low", "high"):
+        raise _bad(f"{where}.image_url.detail", f"detail must be 'auto', 'low' or 'high', got {detail!r}")
+    return generate_pb2.ImagePart(url=url, detail=detail or "")
 
 
 def _history_call(call: Any, path: str) -> generate_pb2.ToolCall:

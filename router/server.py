@@ -13,10 +13,19 @@ Both public front ends share one entry, `GenerationService.run(request, deadline
 shapes them into chat/completion responses. `run` raises `RequestError(code, message)` for
 anything that ends a request before it streams; each front end maps the status once.
 
-The router process never imports torch: it uses the engine's torch-free tokenizer, configs and
-sampling validation (`engine.tokenizer`, `engine.config`, `engine.sampling_params`), which a
-test checks. This is a deliberate widening of DESIGN's import table: tokenization must match the
-workers' exactly, so both import one implementation.
+Images (vision models): `_prepare` collects a request's image parts (`GenerateRequest.images`
+for text / token prompts, `ChatMessage.content_parts` for chat), loads and checks each one
+(`router.media`: limits, URL fetching with the SSRF guard, decoding), renders the chat template
+with one placeholder per image and expands each placeholder into the image's run of placeholder
+tokens (`engine.multimodal.expand_placeholders`). The items ride in the `EngineRequest` with
+their bytes (D forwards them to P), and their content hashes enter the prompt's block hashes.
+An image refused is INVALID_ARGUMENT naming its part (`RequestError.param`).
+
+The router process never imports torch: it uses the engine's torch-free tokenizer, configs,
+multimodal contract and sampling validation (`engine.tokenizer`, `engine.config`,
+`engine.multimodal`, `engine.sampling_params`), which a test checks. This is a deliberate
+widening of DESIGN's import table: tokenization must match the workers' exactly, so both import
+one implementation.
 """
 
 from __future__ import annotations
@@ -30,16 +39,24 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import json_format
 
-from cluster.convert import FINISH_REASON_NAMES, SamplingParamsError, sampling_from_proto, sampling_to_proto
+from cluster.convert import (
+    FINISH_REASON_NAMES,
+    SamplingParamsError,
+    mm_items_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+)
 from cluster.metrics import RouterMetrics
 from engine.block_manager import prompt_block_hashes
+from engine.multimodal import ImageInput, MultiModalItem, block_extra_keys, expand_placeholders
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos.pdserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2
+from router.media import ImageLoader, MediaConfig, MediaError, VisionSpec
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -62,6 +79,8 @@ class RouterConfig:
     max_request_bytes: int = 4 << 20
     # How long a request may wait for any decode worker to become available.
     wait_for_workers_s: float = 10.0
+    # Image limits and URL policy (used when the model sees images).
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "block_size", "default_max_tokens", "max_attempts", "max_inflight"):
@@ -73,12 +92,22 @@ class RouterConfig:
 
 
 class RequestError(Exception):
-    """Ends a Generate call with a status and a message naming the problem."""
+    """Ends a Generate call with a status and a message naming the problem. `param` names the
+    request part at fault (OpenAI's error `param`, e.g. `messages[0].content[1]`) and
+    `error_code` is OpenAI's error `code`, when the status alone does not say it."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, param: str | None = None, error_code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
+        self.error_code = error_code
+
+    @classmethod
+    def from_media(cls, err: MediaError) -> RequestError:
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, str(err), param=err.where, error_code=err.code)
 
 
 @dataclass
@@ -90,6 +119,8 @@ class _Prepared:
     stops: tuple[str, ...]
     include_stop: bool
     skip_special: bool
+    mm_items: tuple[MultiModalItem, ...] = ()
+    block_hashes: list[int] = field(default_factory=list)  # the prompt's, as hints for the workers
 
 
 @dataclass
@@ -137,10 +168,13 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         pool: WorkerPool,
         metrics: RouterMetrics | None = None,
         log_json: bool = False,
+        vision: VisionSpec | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pool = pool
+        self.vision = vision  # None: a text-only model, which refuses images
+        self.images = None if vision is None else ImageLoader(config.media, vision.geometry)
         self.metrics = metrics
         self.log_json = log_json
         self._records: dict[str, RequestRecord] = {}
@@ -151,6 +185,19 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         self.num_retries = 0
         self.num_migrations = 0
         self._num_inflight = 0
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request either front end reads: `max_request_bytes`, plus room for the most
+        images a request may carry (base64 in data: URLs) when the model sees images."""
+        if self.vision is None:
+            return self.config.max_request_bytes
+        media = self.config.media
+        return self.config.max_request_bytes + media.max_images_per_request * media.max_image_wire_bytes
+
+    async def close(self) -> None:
+        if self.images is not None:
+            await self.images.close()
 
     # ----------------------------------------------------------------------------- RPCs
     async def ListModels(self, request, context):
@@ -186,7 +233,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         that task: never the caller's, which may be inside gRPC's or aiohttp's own send.
         """
         try:
-            prepared = self._prepare(request)
+            prepared = await self._prepare(request)
         except RequestError as err:
             if self.metrics is not None:
                 self.metrics.requests.labels(self.config.model_id, err.code.name).inc()
@@ -274,14 +321,17 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         return True
 
     # ----------------------------------------------------------------------------- validation
-    def _prepare(self, request: generate_pb2.GenerateRequest) -> _Prepared:
-        if request.ByteSize() > self.config.max_request_bytes:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request of {request.ByteSize()} bytes is too large")
+    async def _prepare(self, request: generate_pb2.GenerateRequest) -> _Prepared:
+        parts = image_parts(request)
+        num_bytes = request.ByteSize() - sum(part.ByteSize() for _, part in parts)  # images have their own limit
+        if num_bytes > self.config.max_request_bytes:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request of {num_bytes} bytes is too large")
         if request.model and request.model != self.config.model_id:
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not served here (serving {self.config.model_id!r})"
             )
-        prompt_ids = self._tokenize(request)
+        self._check_image_parts(parts)
+        prompt_ids, items = await self._place_images(self._tokenize(request), parts)
         if not prompt_ids:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
         vocab = self.tokenizer.vocab_size
@@ -308,6 +358,10 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                 f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds the context "
                 f"of {max_len}",
             )
+        block_size = self.config.block_size
+        hashes = prompt_block_hashes(
+            prompt_ids, block_size, extra_keys=block_extra_keys(items, len(prompt_ids), block_size)
+        )
         return _Prepared(
             request_id=request.request_id or f"req-{uuid.uuid4().hex[:16]}",
             prompt_ids=prompt_ids,
@@ -316,7 +370,67 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
             stops=params.stop,
             include_stop=params.include_stop_str_in_output,
             skip_special=params.skip_special_tokens,
+            mm_items=items,
+            block_hashes=[int.from_bytes(h[:8], "big") for h in hashes],
         )
+
+    def _check_image_parts(self, parts: list[tuple[str, generate_pb2.ImagePart]]) -> None:
+        if not parts:
+            return
+        where = parts[0][0]
+        if self.vision is None:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}: model {self.config.model_id!r} does not accept images",
+                param=where,
+                error_code="images_not_supported",
+            )
+        limit = self.config.media.max_images_per_request
+        if len(parts) > limit:
+            where = parts[limit][0]
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}: at most {limit} images per request, got {len(parts)}",
+                param=where,
+                error_code="too_many_images",
+            )
+        for where, part in parts:
+            if part.detail not in ("", "auto", "low", "high"):
+                raise RequestError.from_media(
+                    MediaError(where, f"detail must be 'auto', 'low' or 'high', got {part.detail!r}", "invalid_value")
+                )
+
+    async def _place_images(
+        self, prompt_ids: list[int], parts: list[tuple[str, generate_pb2.ImagePart]]
+    ) -> tuple[list[int], tuple[MultiModalItem, ...]]:
+        """Load every image, then expand its placeholder token in the prompt (vision models; a
+        text-only model has no parts here, `_check_image_parts` refused them)."""
+        if self.vision is None or self.images is None:
+            return prompt_ids, ()
+        loaded = await asyncio.gather(*(self._load_image(where, part) for where, part in parts), return_exceptions=True)
+        for result in loaded:  # the first failure in request order
+            if isinstance(result, MediaError):
+                raise RequestError.from_media(result)
+            if isinstance(result, BaseException):
+                raise result
+        images: list[ImageInput] = list(loaded)  # type: ignore[arg-type]
+        try:
+            return expand_placeholders(prompt_ids, images, self.vision.image_token_id, self.vision.geometry)
+        except ValueError as exc:  # placeholders typed into the text, or missing from a raw prompt
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{exc}: the prompt must hold one image placeholder token per image",
+                param="images" if parts and parts[0][0].startswith("images") else None,
+            ) from None
+
+    async def _load_image(self, where: str, part: generate_pb2.ImagePart) -> ImageInput:
+        assert self.images is not None
+        source = part.WhichOneof("source")
+        if source is None:
+            raise MediaError(where, "the image part has neither data nor a url", "invalid_image")
+        if source == "data":
+            return await self.images.load(where, data=part.data)
+        return await self.images.load(where, url=part.url)
 
     def _tokenize(self, request: generate_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -473,14 +587,15 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         return decode, prefill
 
     def _decode_request(self, req: _Prepared, tokens: list[int], decode: WorkerHandle, prefill: WorkerHandle | None):
-        hashes = prompt_block_hashes(req.prompt_ids, self.config.block_size)
+        # The images keep their bytes: D forwards the request to P (or prefills it itself).
         msg = worker_pb2.DecodeRequest(
             request=worker_pb2.EngineRequest(
                 request_id=req.request_id,
                 prompt_token_ids=req.prompt_ids,
                 output_token_ids=tokens,
                 sampling=req.sampling,
-                prompt_block_hashes=[int.from_bytes(h[:8], "big") for h in hashes],
+                prompt_block_hashes=req.block_hashes,
+                mm_items=mm_items_to_proto(req.mm_items),
             ),
             transfer_id=next(self._transfer_ids) % (1 << 63) or 1,
             role_epoch=decode.report.role_epoch,  # a worker that switched role since refuses it
@@ -505,12 +620,59 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
+def image_parts(request: generate_pb2.GenerateRequest) -> list[tuple[str, generate_pb2.ImagePart]]:
+    """A request's images in prompt order, each with the name of its part: `images[i]` for a
+    text / token prompt, `messages[i].content[j]` (OpenAI's path) for a chat prompt."""
+    parts = [(f"images[{i}]", image) for i, image in enumerate(request.images)]
+    if request.WhichOneof("prompt") != "chat":
+        return parts
+    if parts:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images: a chat prompt carries its images in its messages' content_parts",
+            param="images",
+        )
+    for i, message in enumerate(request.chat.messages):
+        for j, part in enumerate(message.content_parts):
+            if part.WhichOneof("part") == "image":
+                parts.append((f"messages[{i}].content[{j}]", part.image))
+    return parts
+
+
+def _template_message(message: generate_pb2.ChatMessage, index: int) -> dict:
+    """One message as the chat template sees it: OpenAI's dict, with multimodal content as a list
+    of `{"type": "text", "text": ...}` and `{"type": "image"}` parts (the bytes stay out)."""
+    out = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if not message.content_parts:
+        return out
+    del out["content_parts"]
+    if message.content:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"messages[{index}]: set content or content_parts, not both",
+            param=f"messages[{index}]",
+        )
+    content = []
+    for j, part in enumerate(message.content_parts):
+        kind = part.WhichOneof("part")
+        if kind is None:
+            where = f"messages[{index}].content[{j}]"
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: empty content part", param=where)
+        content.append({"type": "text", "text": part.text} if kind == "text" else {"type": "image"})
+    out["content"] = content
+    return out
+
+
+def _message_text(message: generate_pb2.ChatMessage) -> str:
+    return message.content or "".join(part.text for part in message.content_parts)
+
+
 def render_chat(tokenizer: Tokenizer, chat: generate_pb2.ChatPrompt) -> str:
     """A chat prompt's text: the model's chat template over its messages, tools and kwargs, with
     the generation prompt or the final message left open. RequestError on input it rejects."""
     if not chat.messages:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat.messages is empty")
-    messages = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in chat.messages]
+    messages = [_template_message(m, i) for i, m in enumerate(chat.messages)]
     kwargs = _from_struct(json_format.MessageToDict(chat.chat_template_kwargs))
     tools = [json_format.MessageToDict(t, preserving_proto_field_name=True) for t in chat.tools]
     for tool in tools:
@@ -549,14 +711,15 @@ def _from_struct(value):
 def _open_final_message(text: str, final: generate_pb2.ChatMessage) -> str:
     """Cut the rendered chat after the last message's content, so the model continues that message
     (what transformers does for `continue_final_message`)."""
-    if final.role != "assistant" or not final.content:
+    content = _message_text(final)
+    if final.role != "assistant" or not content:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT, "continue_final_message needs a last assistant message with content"
         )
-    at = text.rfind(final.content)
+    at = text.rfind(content)
     if at < 0:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the chat template does not render the final message")
-    return text[: at + len(final.content)]
+    return text[: at + len(content)]
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:

@@ -125,13 +125,18 @@ def chat_prompt(tool_choice: generate_pb2.ToolChoice) -> generate_pb2.ChatPrompt
     )
     return generate_pb2.ChatPrompt(
         messages=[
-            generate_pb2.ChatMessage(
+            generate_pb2.ChatMessage(  # content and content_parts exclude each other; the wire holds both
                 role="assistant",
                 content="Let me look that up.",
                 name="helper",
                 tool_call_id="call_0",
                 tool_calls=[call],
                 reasoning_content="The user wants the weather.",
+                content_parts=[
+                    generate_pb2.ContentPart(text="What is in "),
+                    generate_pb2.ContentPart(image=image_part("url")),
+                    generate_pb2.ContentPart(image=image_part("data")),
+                ],
             ),
         ],
         tools=[
@@ -149,8 +154,19 @@ def chat_prompt(tool_choice: generate_pb2.ToolChoice) -> generate_pb2.ChatPrompt
     )
 
 
+def image_part(source: str) -> generate_pb2.ImagePart:
+    if source == "url":
+        return generate_pb2.ImagePart(url="https://example.com/cat.png", detail="high")
+    return generate_pb2.ImagePart(data=b"\x89PNG\r\n\x1a\n\x00", detail="low")
+
+
 def generate_request(prompt: str) -> generate_pb2.GenerateRequest:
-    request = generate_pb2.GenerateRequest(request_id="req-1", model="ernie-4.5-21b-a3b", sampling=sampling_params())
+    request = generate_pb2.GenerateRequest(
+        request_id="req-1",
+        model="ernie-4.5-21b-a3b",
+        sampling=sampling_params(),
+        images=[image_part("data"), image_part("url")],
+    )
     if prompt == "text":
         request.text = "Hello, ERNIE!"
     elif prompt == "chat_auto":
@@ -187,6 +203,18 @@ def engine_request() -> worker_pb2.EngineRequest:
         output_token_ids=[17],
         sampling=sampling_params(),
         prompt_block_hashes=[0xFFFF_FFFF_FFFF_FFFF, 0x0123_4567_89AB_CDEF],
+        mm_items=[
+            worker_pb2.MultiModalItem(
+                modality=worker_pb2.MODALITY_IMAGE,
+                data=b"\x89PNG\r\n\x1a\n\x00",
+                content_hash="9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                grid_t=1,
+                grid_h=32,
+                grid_w=46,
+                offset=5,
+                num_tokens=368,
+            )
+        ],
     )
 
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from engine.tokenizer import Tokenizer
 from protos.pdserve.v1 import common_pb2, generate_pb2
 from router.auth import ApiKeys
+from router.media import vision_spec
 from router.openai_api import OpenAIServer, start_http, stop_http
 from router.server import GenerationService, RouterConfig
 from router.workers import WorkerPool
@@ -23,7 +24,11 @@ class ScriptedService(GenerationService):
 
     def __init__(self, script: Script | list[str] = (), finish=common_pb2.FINISH_REASON_STOP, **config) -> None:
         settings = {"model_id": "tiny", "max_model_len": 1024, "wait_for_workers_s": 0.05, **config}
-        super().__init__(RouterConfig(**settings), Tokenizer.tiny(), WorkerPool([]))
+        router_config = RouterConfig(**settings)
+        tokenizer = Tokenizer.for_model(router_config.model_id)  # tiny, or tiny-vl for a preset that sees images
+        vision = vision_spec(router_config.model_id, tokenizer, router_config.media)
+        super().__init__(router_config, tokenizer, WorkerPool([]), vision=vision)
+        self.prepared: list = []  # each request as the workers would get it (ids, images)
         self.script = script if callable(script) else (lambda req, pieces=list(script): pieces)
         self.finish = finish
         self.prompts: list[str] = []  # each request's prompt, as the workers would see it
@@ -32,6 +37,7 @@ class ScriptedService(GenerationService):
 
     async def _relay(self, req, deadline, record) -> AsyncIterator[generate_pb2.GenerateResponse]:
         self.prompts.append(self.tokenizer.decode(req.prompt_ids, skip_special_tokens=False))
+        self.prepared.append(req)
         pieces = self.script(req)
         try:
             for i, piece in enumerate(pieces):

@@ -23,7 +23,19 @@ def chat(**body):
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].type"),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0].type"),
+        (
+            {"messages": [{"role": "user", "content": ["hi", {"type": "image_url"}]}]},
+            "messages[0].content[1].image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+            "messages[0].content[0].image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}]},
+            "messages[0].content[0].image_url.url",
+        ),
         ({"temperature": "hot"}, "temperature"),
         ({"temperature": True}, "temperature"),
         ({"max_tokens": 1.5}, "max_tokens"),
@@ -184,3 +196,19 @@ def test_grpc_statuses_map_to_http_in_one_place():
     error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "temperature must be a finite number >= 0")
     assert error.param == "temperature"
     assert error_from_status(grpc.StatusCode.NOT_FOUND, "model").code == "model_not_found"
+
+
+def test_image_parts_become_content_parts_one_for_one_and_text_parts_stay_text():
+    content = ["Look ", {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "low"}}, "?"]
+    (message,) = chat(messages=[{"role": "user", "content": content}]).requests[0].chat.messages
+    assert message.content == "" and [p.WhichOneof("part") for p in message.content_parts] == ["text", "image", "text"]
+    image = message.content_parts[1].image
+    assert (image.url, image.detail) == ("https://x.test/a.png", "low")
+    bare = chat(
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AA"}]}]
+    )
+    assert bare.requests[0].chat.messages[0].content_parts[0].image.url == "data:image/png;base64,AA"
+    (text,) = (
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}]).requests[0].chat.messages
+    )
+    assert text.content == "ab" and not text.content_parts

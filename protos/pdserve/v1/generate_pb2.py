@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from protos.pdserve.v1 import common_pb2 as protos_dot_pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/pdserve/v1/generate.proto\x12\npdserve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1eprotos/pdserve/v1/common.proto\"\xcf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x9a\x02\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.pdserve.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.ToolChoice\x12\x35\n\x14\x63hat_template_kwargs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\xd4\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x19\n\x0ctool_call_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.pdserve.v1.ToolCall\x12\x1e\n\x11reasoning_content\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05_nameB\x0f\n\r_tool_call_idB\x14\n\x12_reasoning_content\"F\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x30\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1e.pdserve.v1.FunctionDefinition\"d\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"?\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"P\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12*\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.FunctionCall\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xf7\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x16\n\x0ereasoning_text\x18\x04 \x01(\t\x12-\n\ntool_calls\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.ToolCallDelta\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x1a\n\x10matched_stop_str\x18\x07 \x01(\tH\x00\x12\x1f\n\x15matched_stop_token_id\x18\x08 \x01(\rH\x00\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.pdserve.v1.Usage\x12.\n\x08metadata\x18\x10 \x01(\x0b\x32\x1c.pdserve.v1.GenerateMetadataB\x0e\n\x0cmatched_stop\"P\n\x10GenerateMetadata\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"t\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12\x0c\n\x04root\x18\x05 \x01(\t\x12\x13\n\x0bnum_workers\x18\x06 \x01(\r2\xe0\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/pdserve/v1/generate.proto\x12\npdserve.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1eprotos/pdserve/v1/common.proto\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.pdserve.v1.ChatPromptH\x00\x12)\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12%\n\x06images\x18\x07 \x03(\x0b\x32\x15.pdserve.v1.ImagePartB\x08\n\x06prompt\"D\n\tImagePart\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\tB\x08\n\x06source\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.pdserve.v1.ImagePartH\x00\x42\x06\n\x04part\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x9a\x02\n\nChatPrompt\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.pdserve.v1.ChatMessage\x12\x1f\n\x05tools\x18\x02 \x03(\x0b\x32\x10.pdserve.v1.Tool\x12+\n\x0btool_choice\x18\x03 \x01(\x0b\x32\x16.pdserve.v1.ToolChoice\x12\x35\n\x14\x63hat_template_kwargs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x42\x18\n\x16_add_generation_prompt\"\x84\x02\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x19\n\x0ctool_call_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x12(\n\ntool_calls\x18\x05 \x03(\x0b\x32\x14.pdserve.v1.ToolCall\x12\x1e\n\x11reasoning_content\x18\x06 \x01(\tH\x02\x88\x01\x01\x12.\n\rcontent_parts\x18\x07 \x03(\x0b\x32\x17.pdserve.v1.ContentPartB\x07\n\x05_nameB\x0f\n\r_tool_call_idB\x14\n\x12_reasoning_content\"F\n\x04Tool\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x30\n\x08\x66unction\x18\x02 \x01(\x0b\x32\x1e.pdserve.v1.FunctionDefinition\"d\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"?\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"P\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12*\n\x08\x66unction\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.FunctionCall\"/\n\x0c\x46unctionCall\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\xf7\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x16\n\x0ereasoning_text\x18\x04 \x01(\t\x12-\n\ntool_calls\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.ToolCallDelta\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x1a\n\x10matched_stop_str\x18\x07 \x01(\tH\x00\x12\x1f\n\x15matched_stop_token_id\x18\x08 \x01(\rH\x00\x12 \n\x05usage\x18\t \x01(\x0b\x32\x11.pdserve.v1.Usage\x12.\n\x08metadata\x18\x10 \x01(\x0b\x32\x1c.pdserve.v1.GenerateMetadataB\x0e\n\x0cmatched_stop\"P\n\x10GenerateMetadata\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelInfo\"t\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x10\n\x08owned_by\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12\x0c\n\x04root\x18\x05 \x01(\t\x12\x13\n\x0bnum_workers\x18\x06 \x01(\r2\xe0\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.pdserve.v1.generate_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=111
-  _globals['_GENERATEREQUEST']._serialized_end=318
-  _globals['_TOKENIDS']._serialized_start=320
-  _globals['_TOKENIDS']._serialized_end=349
-  _globals['_CHATPROMPT']._serialized_start=352
-  _globals['_CHATPROMPT']._serialized_end=634
-  _globals['_CHATMESSAGE']._serialized_start=637
-  _globals['_CHATMESSAGE']._serialized_end=849
-  _globals['_TOOL']._serialized_start=851
-  _globals['_TOOL']._serialized_end=921
-  _globals['_FUNCTIONDEFINITION']._serialized_start=923
-  _globals['_FUNCTIONDEFINITION']._serialized_end=1023
-  _globals['_TOOLCHOICE']._serialized_start=1025
-  _globals['_TOOLCHOICE']._serialized_end=1088
-  _globals['_TOOLCALL']._serialized_start=1090
-  _globals['_TOOLCALL']._serialized_end=1170
-  _globals['_FUNCTIONCALL']._serialized_start=1172
-  _globals['_FUNCTIONCALL']._serialized_end=1219
-  _globals['_TOOLCALLDELTA']._serialized_start=1221
-  _globals['_TOOLCALLDELTA']._serialized_end=1296
-  _globals['_GENERATERESPONSE']._serialized_start=1299
-  _globals['_GENERATERESPONSE']._serialized_end=1674
-  _globals['_GENERATEMETADATA']._serialized_start=1676
-  _globals['_GENERATEMETADATA']._serialized_end=1756
-  _globals['_ABORTREQUEST']._serialized_start=1758
-  _globals['_ABORTREQUEST']._serialized_end=1792
-  _globals['_ABORTRESPONSE']._serialized_start=1794
-  _globals['_ABORTRESPONSE']._serialized_end=1826
-  _globals['_LISTMODELSREQUEST']._serialized_start=1828
-  _globals['_LISTMODELSREQUEST']._serialized_end=1847
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1849
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1908
-  _globals['_MODELINFO']._serialized_start=1910
-  _globals['_MODELINFO']._serialized_end=2026
-  _globals['_GENERATION']._serialized_start=2029
-  _globals['_GENERATION']._serialized_end=2253
+  _globals['_GENERATEREQUEST']._serialized_end=357
+  _globals['_IMAGEPART']._serialized_start=359
+  _globals['_IMAGEPART']._serialized_end=427
+  _globals['_CONTENTPART']._serialized_start=429
+  _globals['_CONTENTPART']._serialized_end=506
+  _globals['_TOKENIDS']._serialized_start=508
+  _globals['_TOKENIDS']._serialized_end=537
+  _globals['_CHATPROMPT']._serialized_start=540
+  _globals['_CHATPROMPT']._serialized_end=822
+  _globals['_CHATMESSAGE']._serialized_start=825
+  _globals['_CHATMESSAGE']._serialized_end=1085
+  _globals['_TOOL']._serialized_start=1087
+  _globals['_TOOL']._serialized_end=1157
+  _globals['_FUNCTIONDEFINITION']._serialized_start=1159
+  _globals['_FUNCTIONDEFINITION']._serialized_end=1259
+  _globals['_TOOLCHOICE']._serialized_start=1261
+  _globals['_TOOLCHOICE']._serialized_end=1324
+  _globals['_TOOLCALL']._serialized_start=1326
+  _globals['_TOOLCALL']._serialized_end=1406
+  _globals['_FUNCTIONCALL']._serialized_start=1408
+  _globals['_FUNCTIONCALL']._serialized_end=1455
+  _globals['_TOOLCALLDELTA']._serialized_start=1457
+  _globals['_TOOLCALLDELTA']._serialized_end=1532
+  _globals['_GENERATERESPONSE']._serialized_start=1535
+  _globals['_GENERATERESPONSE']._serialized_end=1910
+  _globals['_GENERATEMETADATA']._serialized_start=1912
+  _globals['_GENERATEMETADATA']._serialized_end=1992
+  _globals['_ABORTREQUEST']._serialized_start=1994
+  _globals['_ABORTREQUEST']._serialized_end=2028
+  _globals['_ABORTRESPONSE']._serialized_start=2030
+  _globals['_ABORTRESPONSE']._serialized_end=2062
+  _globals['_LISTMODELSREQUEST']._serialized_start=2064
+  _globals['_LISTMODELSREQUEST']._serialized_end=2083
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2085
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2144
+  _globals['_MODELINFO']._serialized_start=2146
+  _globals['_MODELINFO']._serialized_end=2262
+  _globals['_GENERATION']._serialized_start=2265
+  _globals['_GENERATION']._serialized_end=2489
 # @@protoc_insertion_point(module_scope)

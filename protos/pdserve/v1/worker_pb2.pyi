@@ -8,6 +8,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODALITY_UNSPECIFIED: _ClassVar[Modality]
+    MODALITY_IMAGE: _ClassVar[Modality]
+
 class SetRoleResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SET_ROLE_RESULT_UNSPECIFIED: _ClassVar[SetRoleResult]
@@ -18,6 +23,8 @@ class SetRoleResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SET_ROLE_RESULT_DRAIN_TIMEOUT: _ClassVar[SetRoleResult]
     SET_ROLE_RESULT_FAILED: _ClassVar[SetRoleResult]
     SET_ROLE_RESULT_REFUSED: _ClassVar[SetRoleResult]
+MODALITY_UNSPECIFIED: Modality
+MODALITY_IMAGE: Modality
 SET_ROLE_RESULT_UNSPECIFIED: SetRoleResult
 SET_ROLE_RESULT_OK: SetRoleResult
 SET_ROLE_RESULT_NOOP: SetRoleResult
@@ -28,18 +35,40 @@ SET_ROLE_RESULT_FAILED: SetRoleResult
 SET_ROLE_RESULT_REFUSED: SetRoleResult
 
 class EngineRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "sampling", "prompt_block_hashes")
+    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "sampling", "prompt_block_hashes", "mm_items")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    MM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     prompt_block_hashes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+    mm_items: _containers.RepeatedCompositeFieldContainer[MultiModalItem]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prompt_block_hashes: _Optional[_Iterable[int]] = ..., mm_items: _Optional[_Iterable[_Union[MultiModalItem, _Mapping]]] = ...) -> None: ...
+
+class MultiModalItem(_message.Message):
+    __slots__ = ("modality", "data", "content_hash", "grid_t", "grid_h", "grid_w", "offset", "num_tokens")
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    GRID_T_FIELD_NUMBER: _ClassVar[int]
+    GRID_H_FIELD_NUMBER: _ClassVar[int]
+    GRID_W_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    modality: Modality
+    data: bytes
+    content_hash: str
+    grid_t: int
+    grid_h: int
+    grid_w: int
+    offset: int
+    num_tokens: int
+    def __init__(self, modality: _Optional[_Union[Modality, str]] = ..., data: _Optional[bytes] = ..., content_hash: _Optional[str] = ..., grid_t: _Optional[int] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., offset: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request", "prefill_peer", "transfer_id", "role_epoch", "incarnation_id")
