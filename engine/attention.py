@@ -13,6 +13,9 @@ One step's tokens are flattened across sequences:
     input_ids       t0 t1 t2 | t3 | t4 t5      (3 sequences; query_lens = [3, 1, 2])
     query_start_loc 0        3    4     6
     seq_lens        context_len + query_len per sequence (keys each query may see, causally)
+
+Backends pick the plain-torch `paged_attention_ref` (here) or `engine.kernels.paged_attention`
+(Triton decode kernel + SDPA for prefill); see `engine.backends`.
 """
 
 from __future__ import annotations
@@ -33,10 +36,20 @@ class AttentionMetadata:
     seq_lens: list[int]  # [S] keys visible to the last query of each sequence
     block_tables: torch.Tensor  # [S, max_blocks] int64, padded with 0
     block_size: int
+    # seq_lens as an [S] int32 tensor on the model's device: what kernels read without host syncs
+    seq_lens_tensor: torch.Tensor | None = None
+    max_query_len: int = 0  # longest query of the step; 0 = not given (derived from query_start_loc)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """Every sequence brings exactly one new token (a pure decode step)."""
+        if self.max_query_len:
+            return self.max_query_len == 1
+        return self.query_start_loc[-1] == self.num_seqs
 
 
 def write_kv(kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -44,6 +57,15 @@ def write_kv(kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     flat = kv_layer.flatten(1, 2)  # [2, N*B, Hkv, D]
     flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
+
+
+def gather_kv(
+    kv_layer: torch.Tensor, block_table: torch.Tensor, seq_len: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `seq_len` keys and values ([L, Hkv, D] each) from its blocks."""
+    blocks = block_table[: -(-seq_len // block_size)]
+    keys, values = kv_layer[:, blocks].flatten(1, 2)[:, :seq_len].unbind(0)
+    return keys, values
 
 
 def paged_attention_ref(
@@ -59,10 +81,7 @@ def paged_attention_ref(
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         seq_len = meta.seq_lens[i]
-        num_blocks = -(-seq_len // meta.block_size)
-        blocks = meta.block_tables[i, :num_blocks]
-        keys = kv_layer[0, blocks].flatten(0, 1)[:seq_len]  # [L, Hkv, D]
-        values = kv_layer[1, blocks].flatten(0, 1)[:seq_len]
+        keys, values = gather_kv(kv_layer, meta.block_tables[i], seq_len, meta.block_size)  # [L, Hkv, D]
         q = query[start:end].transpose(0, 1)  # [Hq, Tq, D]
         k = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, L, D]
         v = values.transpose(0, 1).repeat_interleave(group, dim=0)

@@ -1,9 +1,12 @@
 """Which compute functions the model runs: the torch references or the Triton kernels.
 
 auto    Triton kernels on CUDA, the torch references elsewhere (the CPU default)
-torch   the references (`engine.kernels.fused_moe_ref`), any device
-triton  the Triton kernels (`engine.kernels.fused_moe`, `engine.kernels.moe_route`); on CPU only
-        under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)
+torch   the references (`engine.kernels.fused_moe_ref`, `engine.attention.paged_attention_ref`),
+        any device
+triton  the Triton kernels: routing (`engine.kernels.moe_route`), experts (`engine.kernels.fused_moe`)
+        and attention (`engine.kernels.paged_attention`: the split-KV decode kernel, SDPA for
+        prefill); on CPU only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
+        imported)
 """
 
 from __future__ import annotations
@@ -25,5 +28,6 @@ def model_backends(moe_backend: str, device: torch.device | str) -> ModelBackend
         return ModelBackends()
     from engine.kernels.fused_moe import fused_moe
     from engine.kernels.moe_route import route
+    from engine.kernels.paged_attention import paged_attention
 
-    return ModelBackends(route=route, experts=fused_moe)
+    return ModelBackends(route=route, experts=fused_moe, attention=paged_attention)
