@@ -673,6 +673,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_info(device: str, commit: str | None) -> dict[str, Any]:
+    """The header of a benchmark report: what ran, where, when, from which commit."""
+    return {
+        "device": device,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_commit": commit or git_commit(),
+        "argv": sys.argv[1:],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -699,15 +711,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-interpreter"
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "device": device,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_commit": args.git_commit or git_commit(),
-        "argv": sys.argv[1:],
-        "shapes": {},
-    }
+    report: dict[str, Any] = {**run_info(device, args.git_commit), "shapes": {}}
     report["peaks"] = measure_peaks()
     print(f"{device}: peaks {report['peaks']}", flush=True)
     slug = device_config_name(device).removeprefix("fused_moe_").removesuffix(".json")
