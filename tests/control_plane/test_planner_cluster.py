@@ -10,6 +10,7 @@ from cluster.planner import Planner, PlannerConfig
 from cluster.registry import make_registry
 from router.client import AsyncClient
 
+
 def long_prompt(n: int) -> list[int]:
     # Every request gets a prompt of its own (its first block differs), so the prefix cache never
     # shortcuts a prefill and the queue stays long for as long as the phase runs, on any machine.
