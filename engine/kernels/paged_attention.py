@@ -25,6 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention import AttentionMetadata, gather_kv
 from engine.kernels._paged_attention import _decode_split_kernel, _merge_splits_kernel
@@ -256,10 +257,9 @@ def prefill_attention(
         t.transpose(0, 1).repeat_interleave(group, dim=0)[None]
         for t in gather_kv(kv_layer, block_table, seq_len, block_size)
     )
-    mask = None
-    if context:
-        key_pos = torch.arange(seq_len, device=query.device)
-        mask = key_pos[None, :] <= torch.arange(context, seq_len, device=query.device)[:, None]  # [Tq, L]
+    # With context, a lower-right-aligned causal bias: the flash and memory-efficient kernels take
+    # it without materialising a [Tq, L] mask (a 8k-token chunk over 32k keys would need 20 GB).
+    mask = causal_lower_right(num_q, seq_len) if context else None
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=not context, scale=scale
     )
