@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import subprocess
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +176,17 @@ def shared_engine(args: argparse.Namespace) -> LLMEngine:
     batches = [int(b) for b in args.batches.split(",")]
     longest = max(int(c) for c in args.contexts.split(",")) + args.steps + 16
     longest = max(longest, max(int(p) for p in args.prompts.split(",")) + 16)
+    try:
+        return make_engine(args, longest, max(batches), chunk=args.chunk)
+    except Exception as exc:  # a failed capture is reported (JSON: cuda_graph_error), the run goes on eagerly
+        if args.enforce_eager:
+            raise
+        error = "".join(traceback.format_exception(exc))
+    print(f"building the engine with CUDA graphs failed; measuring eagerly:\n{error}", flush=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    args.graph_error = error.strip().splitlines()[-1]
+    args.enforce_eager = True
     return make_engine(args, longest, max(batches), chunk=args.chunk)
 
 
@@ -234,6 +247,7 @@ def bench_decode(args: argparse.Namespace, engine: LLMEngine) -> dict[str, Any]:
         "kv_bytes_per_token": kv_bytes_per_token,
         "kv_pool_blocks": engine.runtime.num_kv_blocks,
         "cuda_graph_buckets": list(graphs.buckets) if graphs else [],
+        "cuda_graph_error": args.graph_error,
         "rows": rows,
     }
 
@@ -360,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--git-commit", default=None)
+    parser.set_defaults(graph_error=None)
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA GPU here (use --device cpu --model tiny only to smoke-test the script)")
