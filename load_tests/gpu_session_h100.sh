@@ -23,7 +23,7 @@ run() {  # run NAME SECONDS CMD...: output to $OUT/NAME.log, its tail to the con
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
   echo "commit $COMMIT"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-# Kernels (paged attention, fused MoE), the Triton backends end to end, CUDA-graph decode.
+# The paged-attention kernel, the Triton backends end to end, CUDA-graph decode.
 run gpu_engine 150 python3 -m pytest -m gpu tests/engine/kernels/test_paged_attention.py tests/engine/test_cuda_graph.py tests/engine/test_backends.py -q -rfEs -p no:cacheprovider
 # Decode step vs its floor and prefill throughput, ernie-4.5-21b-a3b (random weights), one engine.
 run bench_engine 190 python3 -m load_tests.bench_engine all --out "$OUT" --git-commit "$COMMIT" \
