@@ -24,7 +24,9 @@ run() {  # run NAME SECONDS CMD...: output to $OUT/NAME.log, its tail to the con
   echo "commit $COMMIT"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 # The paged-attention kernel, the Triton backends end to end, CUDA-graph decode.
-run gpu_engine 150 python3 -m pytest -m gpu tests/engine/kernels/test_paged_attention.py tests/engine/test_cuda_graph.py tests/engine/test_backends.py -q -rfEs -p no:cacheprovider
+run gpu_engine 120 python3 -m pytest -m gpu tests/engine/kernels/test_paged_attention.py tests/engine/test_cuda_graph.py tests/engine/test_backends.py -q -rfEs -p no:cacheprovider
 # Decode step vs its floor and prefill throughput, ernie-4.5-21b-a3b (random weights), one engine.
-run bench_engine 190 python3 -m load_tests.bench_engine all --out "$OUT" --git-commit "$COMMIT" \
+run bench_engine 165 python3 -m load_tests.bench_engine all --out "$OUT" --git-commit "$COMMIT" \
   --batches 1,8,64,256 --contexts 1024,8192 --prompts 1024,8192,32768 --steps 10
+# The decode-attention kernel alone (eager and graph) against the same run's gather + SDPA baseline.
+run bench_paged_attention 45 python3 -m load_tests.kernels.bench_paged_attention --out "$OUT" --git-commit "$COMMIT"
