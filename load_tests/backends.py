@@ -7,8 +7,9 @@ and output tokens the server counted, and the status. Timestamps are `time.monot
 share a start time).
 
     grpc    pdserve.v1.Generation/Generate; token counts per message are exact (`token_ids`);
-            prompts go as token ids, text or chat messages; a pool of channels (separate HTTP/2
-            connections) so one connection's stream limit is not the bottleneck
+            prompts go as token ids, text or chat messages (images as image parts of the last
+            chat message); a pool of channels (separate HTTP/2 connections) so one
+            connection's stream limit is not the bottleneck
     openai  POST /v1/completions (token-id or text prompts) or /v1/chat/completions (chat,
             images), `stream: true` with `stream_options.include_usage`; a chunk that carries
             text counts as one token for timing, the usage chunk gives the exact output count
@@ -127,12 +128,13 @@ class GrpcBackend:
     async def send(self, spec: RequestSpec, record: RequestRecord) -> None:
         from router.client import build_request
 
-        if spec.images:
-            record.status, record.error = (
-                "CLIENT_ERROR",
-                "the gRPC API has no image parts yet; use --backend openai-chat",
-            )
-            return
+        prompt = spec.prompt
+        if spec.images:  # image_url parts in the last chat message, as the chat backend sends them
+            try:
+                prompt = _chat_messages(spec)
+            except ValueError as exc:
+                record.status, record.error = "CLIENT_ERROR", str(exc)
+                return
         config = self.config
         sampling: dict = {
             "max_tokens": spec.max_tokens,
@@ -140,7 +142,7 @@ class GrpcBackend:
             "ignore_eos": config.ignore_eos,
         }
         sampling.update(dict(config.extra_body))
-        request = build_request(spec.prompt, model=config.model, **sampling)
+        request = build_request(prompt, model=config.model, **sampling)
         assert self._stubs is not None, "open() first"
         record.sent_at = time.monotonic()
         call = next(self._stubs).Generate(request, timeout=config.request_timeout_s, metadata=self._metadata)

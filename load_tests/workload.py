@@ -8,8 +8,9 @@ Four sources of prompts, all seeded (the same seed gives the same requests, byte
                     prompt, the first model turn's token count the output length
     shared-prefix   N random prefixes reused by a share of the requests, then a random suffix
                     (exercises the prefix cache and prefix-aware routing)
-    multimodal      random prompts plus synthetic PNG images as OpenAI image_url parts; for
-                    ERNIE-4.5-VL once the API carries images (the HTTP chat backend sends them)
+    multimodal      random prompts plus synthetic PNG images as image_url parts of a chat
+                    message, for vision models (ERNIE-4.5-VL, the tiny-vl preset): the
+                    openai-chat and grpc backends send them
 
 Length distributions (`LengthDist.parse`): `fixed:N`, `uniform:LO:HI`, `normal:MEAN:STD`,
 `lognormal:MEAN:SIGMA` (SIGMA of the underlying normal; MEAN is the mean of the lengths, so
