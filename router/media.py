@@ -122,7 +122,8 @@ def vision_spec(model: str, tokenizer: Tokenizer, config: MediaConfig) -> Vision
 
     Raises ValueError when the folder describes a vision model inconsistently (a processor
     config but no `image_token` in the tokenizer, or min_pixels above max_pixels)."""
-    path = model_dir(model) / "preprocessor_config.json"
+    folder = model_dir(model)
+    path = folder / "preprocessor_config.json"
     if not path.is_file():
         return None
     processor = json.loads(path.read_text(encoding="utf-8"))
@@ -131,6 +132,15 @@ def vision_spec(model: str, tokenizer: Tokenizer, config: MediaConfig) -> Vision
         image_token_id = tokenizer.token_to_id("<|IMAGE_PLACEHOLDER|>")
     if image_token_id is None:
         raise ValueError(f"{path} describes an image processor, but the tokenizer has no image placeholder token")
+    config_path = folder / "config.json"  # a model folder's: the id the model treats as an image's
+    if config_path.is_file():
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        model_token_id = model_config.get("image_token_id", model_config.get("im_patch_id"))
+        if model_token_id is not None and model_token_id != image_token_id:
+            raise ValueError(
+                f"{config_path} names image token {model_token_id}, but the tokenizer's image placeholder is "
+                f"{image_token_id}: the chat template's placeholders would not reach the model as images"
+            )
     size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
     defaults = VisionGeometry()
     geometry = VisionGeometry(

@@ -9,12 +9,14 @@ import asyncio
 import base64
 import io
 import ipaddress
+import json
+import shutil
 
 import pytest
 from PIL import Image
 
 from engine.multimodal import VisionGeometry
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import TINY_VL_DIR, Tokenizer
 from router.media import (
     ImageLoader,
     MediaConfig,
@@ -120,6 +122,18 @@ def test_vision_spec_comes_from_the_preprocessor_config_and_the_router_flags() -
     assert tuned is not None and (tuned.geometry.min_pixels, tuned.geometry.max_pixels) == (3136, 50176)
     with pytest.raises(ValueError, match="leave no image size"):
         vision_spec("tiny-vl", tokenizer, MediaConfig(image_min_pixels=10_000, image_max_pixels=5_000))
+
+
+def test_a_model_folder_s_config_must_name_the_tokenizer_s_image_token(tmp_path) -> None:
+    shutil.copytree(TINY_VL_DIR, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_pixels": 28 * 28 * 100, "merge_size": 2}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "ernie4_5_vl_moe", "image_token_id": 380}))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    spec = vision_spec(str(tmp_path), tokenizer, MediaConfig())
+    assert spec is not None and spec.image_token_id == 380 and spec.geometry.max_pixels == 78400
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "ernie4_5_vl_moe", "im_patch_id": 100295}))
+    with pytest.raises(ValueError, match="names image token 100295, but the tokenizer's image placeholder is 380"):
+        vision_spec(str(tmp_path), tokenizer, MediaConfig())
 
 
 # --------------------------------------------------------------------------------------------- addresses
