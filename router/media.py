@@ -115,6 +115,7 @@ class VisionSpec:
 
     image_token_id: int
     geometry: VisionGeometry
+    video_token_id: int | None = None  # refused in prompts: videos are not served
 
 
 def vision_spec(model: str, tokenizer: Tokenizer, config: MediaConfig) -> VisionSpec | None:
@@ -160,7 +161,7 @@ def vision_spec(model: str, tokenizer: Tokenizer, config: MediaConfig) -> Vision
             f"image min_pixels {geometry.min_pixels} / max_pixels {geometry.max_pixels} leave no image size "
             f"(max_pixels must be >= {geometry.factor**2} and >= min_pixels)"
         )
-    return VisionSpec(image_token_id, geometry)
+    return VisionSpec(image_token_id, geometry, tokenizer.special_token_id("video_token"))
 
 
 # --------------------------------------------------------------------------------------------

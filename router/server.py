@@ -407,6 +407,10 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         text-only model has no parts here, `_check_image_parts` refused them)."""
         if self.vision is None or self.images is None:
             return prompt_ids, ()
+        if self.vision.video_token_id is not None and self.vision.video_token_id in prompt_ids:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "the prompt holds a video placeholder: videos are not supported"
+            )
         loaded = await asyncio.gather(*(self._load_image(where, part) for where, part in parts), return_exceptions=True)
         for result in loaded:  # the first failure in request order
             if isinstance(result, MediaError):

@@ -220,6 +220,7 @@ def test_grpc_image_bytes_in_chat_parts_and_with_text_and_token_prompts():
     [
         ({"prompt": "no placeholder", "images": [RED]}, "0 image placeholders for 1 images"),
         ({"prompt": "<|IMAGE_PLACEHOLDER|> typed in"}, "1 image placeholders for 0 images"),
+        ({"prompt": "<|VIDEO_PLACEHOLDER|>?"}, "videos are not supported"),
         ({"prompt": [{"role": "user", "content": [{"type": "image", "image": b"junk"}]}]}, "messages[0].content[0]:"),
         ({"prompt": [{"role": "user", "content": "hi"}], "images": [RED]}, "content_parts"),
         ({"prompt": "<|IMAGE_PLACEHOLDER|>", "images": ["http://10.0.0.1/a.png"]}, "images[0]: image URL refused"),
