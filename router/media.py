@@ -27,7 +27,8 @@ Resolution: `VisionSpec` is what the prompt builder needs of a model that sees i
 placeholder token and its `VisionGeometry`, read from the model folder's (or the preset's)
 `preprocessor_config.json`, with the router's `image_min_pixels` / `image_max_pixels` (FastDeploy's
 `--mm-processor-kwargs`) over the file's values. The geometry reaches the workers as each item's
-patch grid: the prefill worker resizes an image to its grid, so both sides agree on its tokens.
+patch grid; the prefill worker's image processor (configured from the same file) must make the
+same grid, and refuses the image otherwise, so overrides must match the workers' settings.
 """
 
 from __future__ import annotations
