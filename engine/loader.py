@@ -1,8 +1,13 @@
 """`load_model`: a preset name or a Hugging Face folder -> a ready model, its config and tokenizer.
 
-dtype rule: the `dtype` argument when given, else the config's dtype: `float32` for `tiny`,
-`bfloat16` for `ernie-4.5-21b-a3b`, and for a folder whatever its `config.json` says (bf16 for the
-real checkpoints, also on CPU: pass `dtype="float32"` to trade memory for CPU speed).
+dtype rule: the `dtype` argument when given, else the config's dtype: `float32` for `tiny` and
+`tiny-vl`, `bfloat16` for the real shapes, and for a folder whatever its `config.json` says (bf16
+for the real checkpoints, also on CPU: pass `dtype="float32"` to trade memory for CPU speed).
+
+A VL config (`ernie4_5_vl_moe`) builds `Ernie4_5_VLMoeForConditionalGeneration`; its folder's
+`preprocessor_config.json` (the image processor's settings) is read into
+`LoadedModel.preprocessor_config` (a VL preset reads its assets' file, `engine/assets/tiny-vl`;
+a text model has none).
 
 Parameters are allocated directly on the target device in the target dtype (the router weight
 and correction bias stay fp32) and filled in place, tensor by tensor: preset weights from seeded
@@ -21,15 +26,17 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine.config import ConfigError, ModelConfig
 from engine.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from engine.models.ernie4_5_vl_moe import Ernie4_5_VLMoeForConditionalGeneration
 from engine.presets import PRESETS, init_random_weights, rng_device_type
-from engine.tokenizer import Tokenizer, TokenizerError
+from engine.tokenizer import Tokenizer, TokenizerError, model_dir
 from engine.weights import INDEX_FILE, ModelLoadError, load_checkpoint
 
 __all__ = ["LoadedModel", "ModelLoadError", "build_model", "load_config", "load_model"]
@@ -46,6 +53,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     model_id: str  # what the caller passed: a preset name or a folder path
     model_hash: str  # sha256 hex of architecture + weights identity (see the module doc)
+    preprocessor_config: dict[str, Any] = field(default_factory=dict)  # a VL folder's image processor settings
 
 
 def load_model(
@@ -56,7 +64,7 @@ def load_model(
     seed: int = 0,
     expert_range: tuple[int, int] | None = None,
 ) -> LoadedModel:
-    """Load a preset (`tiny`, `ernie-4.5-21b-a3b`) or a Hugging Face model folder.
+    """Load a preset (`tiny`, `ernie-4.5-21b-a3b`, `tiny-vl`, `ernie-4.5-vl-28b-a3b`) or a Hugging Face model folder.
 
     `seed` only matters for presets. `expert_range=(start, end)` keeps only those experts in
     each MoE layer (expert parallelism). Raises ModelLoadError for an unknown source, a bad
@@ -93,9 +101,10 @@ def load_config(source: str, *, dtype: str | None = None) -> ModelConfig:
 def build_model(
     config: ModelConfig, device: str | torch.device, expert_range: tuple[int, int] | None = None
 ) -> Ernie4_5_MoeForCausalLM:
-    """An uninitialised model in `config.dtype`, allocated directly on `device`."""
+    """An uninitialised model in `config.dtype`, allocated directly on `device` (the VL model for a VL config)."""
+    model_cls = Ernie4_5_VLMoeForConditionalGeneration if config.is_multimodal else Ernie4_5_MoeForCausalLM
     with _default_dtype(_DTYPES[config.dtype]), torch.device(device):
-        return Ernie4_5_MoeForCausalLM(config, expert_range=expert_range)
+        return model_cls(config, expert_range=expert_range)
 
 
 def _load_preset(
@@ -105,7 +114,8 @@ def _load_preset(
     model = build_model(config, device, expert_range)
     init_random_weights(model, seed)
     identity = {"preset": config.to_hf_dict(), "seed": seed, "rng": rng_device_type(config, device)}
-    return _finish(model, config, Tokenizer.tiny(), name, _sha256_json(identity))
+    preprocessor = _preprocessor_config(model_dir(name)) if config.is_multimodal else {}
+    return _finish(model, config, Tokenizer.for_model(name), name, _sha256_json(identity), preprocessor)
 
 
 def _load_folder(path: str, device: str, dtype: str | None, expert_range: tuple[int, int] | None) -> LoadedModel:
@@ -115,17 +125,36 @@ def _load_folder(path: str, device: str, dtype: str | None, expert_range: tuple[
         tokenizer = Tokenizer.from_dir(folder)
     except (ConfigError, TokenizerError) as exc:
         raise ModelLoadError(f"cannot load model folder {path!r}: {exc}") from exc
+    preprocessor = _preprocessor_config(folder) if config.is_multimodal else {}
     model = build_model(config, device, expert_range)
     load_checkpoint(model, folder)
-    return _finish(model, config, tokenizer, path, _folder_hash(folder, config.dtype))
+    return _finish(model, config, tokenizer, path, _folder_hash(folder, config.dtype), preprocessor)
+
+
+def _preprocessor_config(folder: Path) -> dict[str, Any]:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"malformed {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _finish(
-    model: Ernie4_5_MoeForCausalLM, config: ModelConfig, tokenizer: Tokenizer, model_id: str, model_hash: str
+    model: Ernie4_5_MoeForCausalLM,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    model_id: str,
+    model_hash: str,
+    preprocessor_config: dict[str, Any] | None = None,
 ) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, config, tokenizer, model_id, model_hash)
+    return LoadedModel(model, config, tokenizer, model_id, model_hash, preprocessor_config or {})
 
 
 def _folder_hash(folder: Path, dtype: str) -> str:

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 IMAGE = "image"
 MODALITIES = (IMAGE,)
@@ -46,6 +47,20 @@ class VisionGeometry:
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+
+def geometry_from_preprocessor_config(raw: Mapping[str, Any], default: VisionGeometry | None = None) -> VisionGeometry:
+    """The geometry a `preprocessor_config.json` describes: its `patch_size`, `merge_size`,
+    `min_pixels` / `max_pixels` (else `size.shortest_edge` / `size.longest_edge`); what it
+    leaves out keeps `default`'s value (the ERNIE-4.5-VL defaults)."""
+    base = default or VisionGeometry()
+    size = raw.get("size") if isinstance(raw.get("size"), Mapping) else {}
+    return VisionGeometry(
+        patch_size=int(raw.get("patch_size", base.patch_size)),
+        merge_size=int(raw.get("merge_size", base.merge_size)),
+        min_pixels=int(raw.get("min_pixels", size.get("shortest_edge", base.min_pixels))),
+        max_pixels=int(raw.get("max_pixels", size.get("longest_edge", base.max_pixels))),
+    )
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

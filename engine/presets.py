@@ -5,6 +5,12 @@
 * `ernie-4.5-21b-a3b`: the real ERNIE-4.5-21B-A3B shape, bfloat16 (~43.7 GB of weights). It is
   served with the tiny tokenizer too (no real vocabulary ships offline): text encodes into ids
   below 384, and sampled ids above the tokenizer's range decode to nothing.
+* `tiny-vl`: `tiny` with sight (ERNIE-4.5-VL): a 2-block vision tower, vision experts, 3D RoPE;
+  float32, the same 384 ids, with the image / video tokens of the tiny-vl tokenizer
+  (`engine/assets/tiny-vl`): `TINY_VL_TOKEN_IDS`.
+* `ernie-4.5-vl-28b-a3b`: the real ERNIE-4.5-VL-28B-A3B shape (transformers' defaults for
+  `baidu/ERNIE-4.5-VL-28B-A3B-PT`), bfloat16, served with the tiny-vl tokenizer; its image token
+  ids are the real vocabulary's, which the tiny-vl tokenizer does not produce.
 
 `init_random_weights` fills a built model deterministically from a seed: every tensor (every
 expert, separately) draws from its own generator seeded by `(seed, parameter name, expert id)`,
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from engine.config import PRESET_NAMES, ModelConfig
-from engine.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, SparseMoE
+from engine.config import PRESET_NAMES, ModelConfig, VisionConfig
+from engine.models.ernie4_5_moe import Ernie4_5_MoeForCausalLM, RMSNorm, SparseMoE
 
 TINY = ModelConfig(
     vocab_size=384,
@@ -65,7 +72,46 @@ ERNIE_4_5_21B_A3B = ModelConfig(
     dtype="bfloat16",
 )
 
-PRESETS: dict[str, ModelConfig] = {"tiny": TINY, "ernie-4.5-21b-a3b": ERNIE_4_5_21B_A3B}
+# The media tokens of the tiny-vl tokenizer (engine/assets/tiny-vl/make_tokenizer.py): its last six ids.
+TINY_VL_TOKEN_IDS = {
+    "image_start_token_id": 378,
+    "image_end_token_id": 379,
+    "image_token_id": 380,
+    "video_start_token_id": 381,
+    "video_end_token_id": 382,
+    "video_token_id": 383,
+}
+
+TINY_VL = replace(
+    TINY,
+    model_type="ernie4_5_vl_moe",
+    vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
+    vision_moe_intermediate_size=16,
+    mrope_section=(3, 3, 2),  # head_dim 16: 8 rotary pairs
+    **TINY_VL_TOKEN_IDS,
+)
+
+ERNIE_4_5_VL_28B_A3B = replace(
+    ERNIE_4_5_21B_A3B,
+    model_type="ernie4_5_vl_moe",
+    vision=VisionConfig(),  # depth 32, hidden 1280, 16 heads, MLP 5120, patch 14, merge 2
+    moe_intermediate_size=1536,
+    vision_moe_intermediate_size=512,
+    mrope_section=(22, 22, 20),
+    image_token_id=100295,
+    image_start_token_id=101304,
+    image_end_token_id=101305,
+    video_token_id=103367,
+    video_start_token_id=101306,
+    video_end_token_id=101307,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": TINY,
+    "ernie-4.5-21b-a3b": ERNIE_4_5_21B_A3B,
+    "tiny-vl": TINY_VL,
+    "ernie-4.5-vl-28b-a3b": ERNIE_4_5_VL_28B_A3B,
+}
 if tuple(PRESETS) != PRESET_NAMES:
     raise RuntimeError(f"engine.config.PRESET_NAMES {PRESET_NAMES} must list the presets {tuple(PRESETS)}")
 
@@ -88,9 +134,21 @@ def estimate_num_params(config: ModelConfig) -> int:
     dense = 3 * h * config.intermediate_size
     moe = config.moe_num_experts * (3 * h * config.moe_intermediate_size + h)
     moe += 3 * h * config.moe_intermediate_size * config.moe_num_shared_experts
+    moe += config.moe_num_experts * (3 * h * config.vision_moe_intermediate_size + h)  # VL: the vision pool
     layers = sum(attn + (moe if config.is_moe_layer(i) else dense) for i in range(config.num_hidden_layers))
     head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    return layers + config.vocab_size * h + head
+    return layers + config.vocab_size * h + head + _vision_num_params(config)
+
+
+def _vision_num_params(config: ModelConfig) -> int:
+    """Matrices and biases of a VL model's vision tower and resampler (0 for a text model)."""
+    vision = config.vision
+    if vision is None:
+        return 0
+    d, window = vision.hidden_size, vision.hidden_size * vision.spatial_merge_size**2
+    block = 4 * d * d + 2 * d * vision.intermediate_size
+    resampler = 2 * window * window + 2 * window * window + window * window + window * config.hidden_size
+    return vision.patch_dim * d + vision.depth * block + resampler
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -131,10 +189,13 @@ def init_random_weights(model: Ernie4_5_MoeForCausalLM, seed: int) -> None:
         if isinstance(m, SparseMoE)
         for p in ("w13", "w2")
     }
+    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (RMSNorm, nn.LayerNorm))}
     for name, param in model.named_parameters():
         std = _init_std(name, config)
-        if std is None:
-            param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+        if name in norm_weights:
+            param.fill_(1.0)
+        elif std is None:
+            param.fill_(0.0)
         elif name in offsets:
             for local, expert in enumerate(param):
                 _fill_normal(expert, std, seed, f"{name}[{offsets[name] + local}]", rng_device)

@@ -1,4 +1,4 @@
-"""Read a Hugging Face ERNIE-4.5 MoE checkpoint (safetensors) into `Ernie4_5_MoeForCausalLM`.
+"""Read a Hugging Face ERNIE-4.5 MoE or ERNIE-4.5-VL checkpoint (safetensors) into our models.
 
 Two key layouts load, in one file or sharded with `model.safetensors.index.json`:
 
@@ -13,6 +13,20 @@ and, in both, `self_attn.{q,k,v}_proj` -> rows of `qkv_proj`, `mlp.{gate,up}_pro
 shared experts) -> rows of `gate_up_proj`; everything else keeps its name. `lm_head.weight` is
 ignored when embeddings are tied; `mtp*` keys (multi-token-prediction heads) are ignored.
 
+An ERNIE-4.5-VL checkpoint (what transformers' `Ernie4_5_VLMoeForConditionalGeneration` saves and
+reads, the original Baidu layout) keeps both expert pools in one list, both gates transposed and
+both correction biases in one tensor, per MoE layer:
+
+    mlp.experts.{e}.*            e <  E: text expert e      -> mlp.text_moe.{w13, w2}[e]
+    mlp.experts.{E + e}.*        vision expert e            -> mlp.vision_moe.{w13, w2}[e]
+    mlp.gate.weight   [H, E]     the text gate, transposed  -> mlp.text_moe.gate_weight   [E, H]
+    mlp.gate.weight_1 [H, E]     the vision gate            -> mlp.vision_moe.gate_weight [E, H]
+    mlp.moe_statics.e_score_correction_bias [2, E]  row 0 -> mlp.text_moe.e_score_correction_bias,
+                                                    row 1 -> mlp.vision_moe.e_score_correction_bias
+
+and `model.vision_model.*` / `model.resampler_model.*` (the vision tower and resampler) keep
+their names.
+
 Checking happens before any tensor is read: unknown keys, missing keys and shape mismatches each
 raise `ModelLoadError` naming the keys. Loading then goes tensor by tensor through `safe_open`
 (an expert-stacked tensor reads only the rows of the experts the model holds); nothing builds a
@@ -25,7 +39,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -63,15 +77,24 @@ class TensorCopy:
     src_rows: tuple[int, int] | None
     shape: tuple[int, ...]  # the shape the file must hold
     provides: tuple[str, ...]
+    transpose: bool = False  # the file holds the parameter's transpose (a VL gate)
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where one per-expert-layout checkpoint key goes: `param[dst_index]`, from a file tensor of `shape`."""
+    """What one needed tensor is: `param[dst_index]`, from a file tensor of `shape`.
+
+    Targets are named by their per-expert-layout checkpoint key, or, where one checkpoint tensor
+    fills several parameters (a VL layer's two correction-bias rows), by a name of their own with
+    the key in `source` and the rows in `src_rows`.
+    """
 
     param: str
     dst_index: tuple[int | slice, ...]
     shape: tuple[int, ...]
+    src_rows: tuple[int, int] | None = None
+    transpose: bool = False
+    source: str | None = None  # the checkpoint key, when it is not the target's name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +113,12 @@ def expected_targets(config: ModelConfig, expert_range: tuple[int, int] | None =
     if config.use_bias:
         targets["lm_head.bias"] = Target("lm_head.bias", (), (config.vocab_size,))
     for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
         for key, target in _layer_targets(config, layer, expert_range).items():
-            targets[f"model.layers.{layer}.{key}"] = target
+            source = None if target.source is None else prefix + target.source
+            targets[prefix + key] = replace(target, source=source)
+    if config.vision is not None:
+        targets.update(_vision_targets(config))
     return targets
 
 
@@ -103,7 +130,9 @@ def _layer_targets(config: ModelConfig, layer: int, expert_range: tuple[int, int
         for name in ("input_layernorm", "post_attention_layernorm")
     }
     targets.update(_attention_targets(config, prefix))
-    if config.is_moe_layer(layer):
+    if config.is_moe_layer(layer) and config.is_multimodal:
+        targets.update(_vl_moe_targets(config, prefix, expert_range))
+    elif config.is_moe_layer(layer):
         targets.update(_moe_targets(config, prefix, expert_range))
     else:
         targets.update(_mlp_targets(config, prefix + "mlp", "mlp", config.intermediate_size))
@@ -152,17 +181,82 @@ def _moe_targets(config: ModelConfig, prefix: str, expert_range: tuple[int, int]
         "mlp.gate.weight": Target(f"{mlp}.gate_weight", (), (num_experts, hidden)),
         "mlp.moe_statics.e_score_correction_bias": Target(f"{mlp}.e_score_correction_bias", (), (1, num_experts)),
     }
-    start, end = expert_range or (0, num_experts)
-    for expert in range(start, end):
-        local = expert - start
-        key = f"mlp.experts.{expert}"
-        targets[f"{key}.gate_proj.weight"] = Target(f"{mlp}.w13", (local, slice(0, inter)), (inter, hidden))
-        targets[f"{key}.up_proj.weight"] = Target(f"{mlp}.w13", (local, slice(inter, 2 * inter)), (inter, hidden))
-        targets[f"{key}.down_proj.weight"] = Target(f"{mlp}.w2", (local,), (hidden, inter))
+    targets.update(_expert_targets(config, mlp, 0, inter, expert_range))
     if config.moe_num_shared_experts > 0:
         width = inter * config.moe_num_shared_experts
         targets.update(_mlp_targets(config, f"{mlp}.shared_experts", "mlp.shared_experts", width))
     return targets
+
+
+def _expert_targets(
+    config: ModelConfig, module: str, first_key: int, inter: int, expert_range: tuple[int, int] | None
+) -> dict[str, Target]:
+    """Experts [start, end) stored as `mlp.experts.{first_key + e}.*` -> `module.w13[e]`, `module.w2[e]`."""
+    hidden = config.hidden_size
+    start, end = expert_range or (0, config.moe_num_experts)
+    targets = {}
+    for expert in range(start, end):
+        local = expert - start
+        key = f"mlp.experts.{first_key + expert}"
+        targets[f"{key}.gate_proj.weight"] = Target(f"{module}.w13", (local, slice(0, inter)), (inter, hidden))
+        targets[f"{key}.up_proj.weight"] = Target(f"{module}.w13", (local, slice(inter, 2 * inter)), (inter, hidden))
+        targets[f"{key}.down_proj.weight"] = Target(f"{module}.w2", (local,), (hidden, inter))
+    return targets
+
+
+def _vl_moe_targets(config: ModelConfig, prefix: str, expert_range: tuple[int, int] | None) -> dict[str, Target]:
+    """A VL MoE layer: two expert pools stored as one list, transposed gates, a two-row bias."""
+    hidden, num_experts = config.hidden_size, config.moe_num_experts
+    mlp = f"{prefix}mlp"
+    bias_key = "mlp.moe_statics.e_score_correction_bias"
+    targets = {
+        "mlp.gate.weight": Target(f"{mlp}.text_moe.gate_weight", (), (hidden, num_experts), transpose=True),
+        "mlp.gate.weight_1": Target(f"{mlp}.vision_moe.gate_weight", (), (hidden, num_experts), transpose=True),
+    }
+    pools = (("text_moe", config.moe_intermediate_size), ("vision_moe", config.vision_moe_intermediate_size))
+    for row, (pool, inter) in enumerate(pools):
+        param = f"{mlp}.{pool}.e_score_correction_bias"
+        targets[f"{bias_key}[{row}]"] = Target(param, (), (2, num_experts), (row, row + 1), source=bias_key)
+        targets.update(_expert_targets(config, f"{mlp}.{pool}", row * num_experts, inter, expert_range))
+    if config.moe_num_shared_experts > 0:
+        width = config.moe_intermediate_size * config.moe_num_shared_experts
+        targets.update(_mlp_targets(config, f"{mlp}.shared_experts", "mlp.shared_experts", width))
+    return targets
+
+
+def _vision_targets(config: ModelConfig) -> dict[str, Target]:
+    """The vision tower and resampler of a VL model: checkpoint keys are our parameter names."""
+    vision = config.vision
+    if vision is None:
+        return {}
+    dim, inter = vision.hidden_size, vision.intermediate_size
+    window = dim * vision.spatial_merge_size**2
+    tower, resampler = "model.vision_model", "model.resampler_model"
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{tower}.patch_embed.proj.weight": (dim, vision.patch_dim),
+        f"{tower}.ln.weight": (dim,),
+        f"{tower}.ln.bias": (dim,),
+        f"{resampler}.mlp.weight": (config.hidden_size, window),
+        f"{resampler}.mlp.bias": (config.hidden_size,),
+        f"{resampler}.after_norm.weight": (config.hidden_size,),
+    }
+    for block in range(vision.depth):
+        prefix = f"{tower}.blocks.{block}"
+        for name, shape in (
+            ("norm1", (dim,)),
+            ("norm2", (dim,)),
+            ("attn.qkv", (3 * dim, dim)),
+            ("attn.proj", (dim, dim)),
+            ("mlp.fc1", (inter, dim)),
+            ("mlp.fc2", (dim, inter)),
+        ):
+            shapes[f"{prefix}.{name}.weight"] = shape
+            shapes[f"{prefix}.{name}.bias"] = (shape[0],)
+    for name, in_dim in (("spatial_linear", window), ("temporal_linear", vision.temporal_merge_size * window)):
+        for index, shape in (("0", (window, in_dim)), ("2", (window, window)), ("3", (window,))):
+            shapes[f"{resampler}.{name}.{index}.weight"] = shape
+            shapes[f"{resampler}.{name}.{index}.bias"] = (window,)
+    return {key: Target(key, (), shape) for key, shape in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,29 +340,36 @@ def _stacked_copy(
     return TensorCopy(file, key, f"model.layers.{layer}.mlp.{param}", (), (start, end), shape, provides)
 
 
+def _copies(file: Path, key: str, named: list[tuple[str, Target]]) -> list[TensorCopy]:
+    return [TensorCopy(file, key, t.param, t.dst_index, t.src_rows, t.shape, (name,), t.transpose) for name, t in named]
+
+
 def _classify(
-    key: str, file: Path, config: ModelConfig, targets: dict[str, Target], expert_range: tuple[int, int]
-) -> TensorCopy | str | None:
-    """A copy for a wanted key, None for a key to skip, or the key itself when it is unknown."""
+    key: str,
+    file: Path,
+    config: ModelConfig,
+    sources: dict[str, list[tuple[str, Target]]],
+    expert_range: tuple[int, int],
+) -> list[TensorCopy] | str:
+    """The copies a checkpoint key feeds (none for a key to skip), or the key itself when it is unknown.
+
+    `sources` maps each checkpoint key to the targets it fills, by name."""
     if _is_ignored(key, config):
-        return None
+        return []
     layer_match = _LAYER.match(key)
     if layer_match is not None and config.is_moe_layer(int(layer_match.group(1))):
         layer, rest = int(layer_match.group(1)), layer_match.group(2)
         stacked = _STACKED.match(rest)
-        if stacked is not None:
-            return _stacked_copy(config, layer, stacked.group(1), file, key, expert_range)
-        if rest == _FUSED_BIAS:
-            key_as = f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
-            target = targets[key_as]
-            return TensorCopy(file, key, target.param, target.dst_index, None, target.shape, (key_as,))
+        if stacked is not None and not config.is_multimodal:
+            return [_stacked_copy(config, layer, stacked.group(1), file, key, expert_range)]
+        if rest == _FUSED_BIAS and not config.is_multimodal:
+            return _copies(file, key, sources[f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"])
         expert = _EXPERT.match(rest)
-        if expert is not None and key not in targets and int(expert.group(1)) < config.moe_num_experts:
-            return None  # another expert-parallel rank's expert
-    target = targets.get(key)
-    if target is None:
-        return key
-    return TensorCopy(file, key, target.param, target.dst_index, None, target.shape, (key,))
+        num_stored = config.moe_num_experts * (2 if config.is_multimodal else 1)  # VL: text, then vision experts
+        if expert is not None and key not in sources and int(expert.group(1)) < num_stored:
+            return []  # another expert-parallel rank's expert
+    named = sources.get(key)
+    return key if named is None else _copies(file, key, named)
 
 
 def plan_checkpoint(
@@ -285,14 +386,17 @@ def plan_checkpoint(
         raise ModelLoadError(f"expert_range {expert_range!r} is not within [0, {config.moe_num_experts}]")
     key_to_file = checkpoint_files(folder)
     targets = expected_targets(config, expert_range)
+    sources: dict[str, list[tuple[str, Target]]] = defaultdict(list)
+    for name, target in targets.items():
+        sources[target.source or name].append((name, target))
     copies: list[TensorCopy] = []
     unknown: list[str] = []
     for key, file in sorted(key_to_file.items()):
-        result = _classify(key, file, config, targets, expert_range)
+        result = _classify(key, file, config, dict(sources), expert_range)
         if isinstance(result, str):
             unknown.append(result)
-        elif result is not None:
-            copies.append(result)
+        else:
+            copies.extend(result)
     if unknown:
         raise ModelLoadError(f"checkpoint {str(folder)!r} has {len(unknown)} unexpected keys: {_listing(unknown)}")
     provided = [key for copy in copies for key in copy.provides]
@@ -314,8 +418,8 @@ def _check_shapes(copies: list[TensorCopy], shapes: dict[str, tuple[int, ...]]) 
 
 
 def _is_bias_vector(copy: TensorCopy, actual: tuple[int, ...]) -> bool:
-    """The correction bias is [1, E] in checkpoints; a plain [E] is accepted too."""
-    return copy.param.endswith("e_score_correction_bias") and actual == copy.shape[1:]
+    """The text model's correction bias is [1, E] in checkpoints; a plain [E] is accepted too."""
+    return copy.param.endswith("e_score_correction_bias") and copy.src_rows is None and actual == copy.shape[1:]
 
 
 def _listing(keys: list[str], limit: int = 20) -> str:
@@ -360,4 +464,4 @@ def load_checkpoint(model: Ernie4_5_MoeForCausalLM, folder: str | Path) -> None:
         )
     for copy, tensor in iter_checkpoint_tensors(copies):
         destination = params[copy.param][copy.dst_index]
-        destination.copy_(tensor.reshape(destination.shape))
+        destination.copy_((tensor.T if copy.transpose else tensor).reshape(destination.shape))

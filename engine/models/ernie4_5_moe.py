@@ -169,8 +169,16 @@ class SparseMoE(nn.Module):
     """
 
     def __init__(
-        self, config: ModelConfig, backends: ModelBackends, expert_range: tuple[int, int] | None = None
+        self,
+        config: ModelConfig,
+        backends: ModelBackends,
+        expert_range: tuple[int, int] | None = None,
+        *,
+        intermediate_size: int | None = None,
+        num_shared_experts: int | None = None,
     ) -> None:
+        """`intermediate_size` / `num_shared_experts` override the config's (the VL model builds its
+        vision pool with the vision width and its two pools without shared experts of their own)."""
         super().__init__()
         start, end = expert_range if expert_range is not None else (0, config.moe_num_experts)
         self.num_experts = config.moe_num_experts
@@ -178,16 +186,14 @@ class SparseMoE(nn.Module):
         self.num_local_experts = end - start
         self.top_k = config.moe_k
         self.norm_min = config.moe_norm_min
-        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        hidden = config.hidden_size
+        inter = config.moe_intermediate_size if intermediate_size is None else intermediate_size
+        num_shared = config.moe_num_shared_experts if num_shared_experts is None else num_shared_experts
         self.gate_weight = _empty(self.num_experts, hidden, dtype=torch.float32)
         self.e_score_correction_bias = _empty(self.num_experts, dtype=torch.float32)
         self.w13 = _empty(self.num_local_experts, 2 * inter, hidden)
         self.w2 = _empty(self.num_local_experts, hidden, inter)
-        self.shared_experts = (
-            MLP(hidden, inter * config.moe_num_shared_experts, config.use_bias)
-            if config.moe_num_shared_experts > 0
-            else None
-        )
+        self.shared_experts = MLP(hidden, inter * num_shared, config.use_bias) if num_shared > 0 else None
         self.route_fn = backends.route
         self.experts_fn = backends.experts
         self.combine: MoECombine | None = None
@@ -229,13 +235,18 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = Attention(config, backends)
-        self.mlp: MLP | SparseMoE = (
-            SparseMoE(config, backends, expert_range)
-            if config.is_moe_layer(layer_idx)
-            else MLP(config.hidden_size, config.intermediate_size, config.use_bias)
-        )
+        self.mlp = self.make_mlp(config, layer_idx, backends, expert_range)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(
+        self, config: ModelConfig, layer_idx: int, backends: ModelBackends, expert_range: tuple[int, int] | None
+    ) -> nn.Module:
+        """The feed-forward block: routed experts on MoE layers, a dense MLP elsewhere (a hook the
+        VL model overrides)."""
+        if config.is_moe_layer(layer_idx):
+            return SparseMoE(config, backends, expert_range)
+        return MLP(config.hidden_size, config.intermediate_size, config.use_bias)
 
     def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer, rope)
@@ -245,6 +256,8 @@ class DecoderLayer(nn.Module):
 class Ernie4_5_MoeModel(nn.Module):
     """Embedding, decoder layers and the final norm (transformers' `model.` prefix)."""
 
+    decoder_layer_cls: ClassVar[type[DecoderLayer]] = DecoderLayer  # the VL model's layers extend it
+
     def __init__(
         self, config: ModelConfig, backends: ModelBackends, expert_range: tuple[int, int] | None = None
     ) -> None:
@@ -252,7 +265,7 @@ class Ernie4_5_MoeModel(nn.Module):
         embedding = torch.empty(config.vocab_size, config.hidden_size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backends, expert_range) for i in range(config.num_hidden_layers)
+            self.decoder_layer_cls(config, i, backends, expert_range) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
@@ -296,6 +309,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
     # A decode step's forward depends only on tensors (token ids, positions, slots, block tables,
     # sequence lengths), so it can be captured and replayed as a CUDA graph (engine.cuda_graph).
     supports_decode_graphs: ClassVar[bool] = True
+    model_cls: ClassVar[type[Ernie4_5_MoeModel]] = Ernie4_5_MoeModel  # the VL model's extends it
 
     def __init__(
         self,
@@ -309,7 +323,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         self.config = config
         self.expert_range = expert_range or (0, config.moe_num_experts)
         self.backends = backends or ModelBackends()
-        self.model = Ernie4_5_MoeModel(config, self.backends, expert_range)
+        self.model = self.model_cls(config, self.backends, expert_range)
         self.lm_head = LMHead(config)
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
@@ -319,18 +333,22 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         causally over each sequence's cached keys, and returns the final-RMSNorm'd hidden states
         [T, H] in the model dtype. Call `compute_logits` on the rows you need.
         """
+        self.check_kv_cache(kv_cache)
+        return self.model(input_ids, meta, kv_cache)
+
+    def check_kv_cache(self, kv_cache: Tensor) -> None:
+        """Raise ValueError unless kv_cache is [L, 2, N, B, Hkv, D] for this model's L layers."""
         expected = self.config.num_hidden_layers
         if kv_cache.dim() != 6 or kv_cache.shape[0] != expected or kv_cache.shape[1] != 2:
             raise ValueError(f"kv_cache must be [L={expected}, 2, N, B, Hkv, D], got {tuple(kv_cache.shape)}")
-        return self.model(input_ids, meta, kv_cache)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """[n, H] -> [n, V] float32 logits (the matmul runs in the model dtype, as transformers does)."""
         return self.lm_head(hidden, self.model.embed_tokens.weight).float()
 
     def moe_layers(self) -> list[SparseMoE]:
-        """The MoE modules, in layer order."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+        """The MoE modules, in layer order (a VL layer's text pool, then its vision pool)."""
+        return [module for module in self.model.layers.modules() if isinstance(module, SparseMoE)]
 
     def set_moe_combine(self, combine: MoECombine | None) -> None:
         """Route every MoE layer through `combine` (expert parallelism), or back to local-only with None."""
@@ -343,6 +361,6 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.attention_fn = backends.attention
             layer.self_attn.write_kv_fn = backends.write_kv
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.route_fn = backends.route
-                layer.mlp.experts_fn = backends.experts
+        for moe in self.moe_layers():
+            moe.route_fn = backends.route
+            moe.experts_fn = backends.experts

@@ -64,7 +64,7 @@ def test_folder_loads_with_its_tokenizer_and_a_stable_hash(tmp_path) -> None:
 
 @pytest.mark.parametrize("source", ["no-such-preset", "/nonexistent/model/folder"])
 def test_unknown_source_lists_the_presets(source: str) -> None:
-    with pytest.raises(ModelLoadError, match=r"ernie-4\.5-21b-a3b, tiny"):
+    with pytest.raises(ModelLoadError, match=r"ernie-4\.5-21b-a3b, ernie-4\.5-vl-28b-a3b, tiny, tiny-vl"):
         load_model(source)
 
 

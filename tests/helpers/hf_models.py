@@ -50,26 +50,26 @@ def make_hf_model(seed: int = 0, **config_overrides: Any) -> Ernie4_5_MoeForCaus
     """A transformers model of the tiny shape (overrides applied) with seeded, non-trivial weights."""
     config = Ernie4_5_MoeConfig(**{**TINY_HF_CONFIG, **config_overrides})
     model = Ernie4_5_MoeForCausalLM(config).eval()
-    _randomise(model, seed)
+    randomise(model, seed, config.moe_num_experts)
     return model
 
 
 @torch.no_grad()
-def _randomise(model: Ernie4_5_MoeForCausalLM, seed: int) -> None:
-    """Weights that exercise everything: non-unit norms, non-zero biases, peaked routing with a
-    correction bias large enough to change which experts are picked."""
+def randomise(model: torch.nn.Module, seed: int, num_experts: int, embed_scale: float = 1.0) -> None:
+    """Weights that exercise everything: non-unit norms (RMS or Layer), non-zero biases, peaked
+    routing with a correction bias large enough to change which experts are picked."""
     generator = torch.Generator().manual_seed(seed)
-    num_experts = model.config.moe_num_experts
+    norms = {f"{name}.weight" for name, module in model.named_modules() if "Norm" in type(module).__name__}
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-        if name.endswith("norm.weight"):
+        if name in norms:
             value = 1.0 + 0.1 * noise
         elif name.endswith("e_score_correction_bias"):
             value = 0.5 / num_experts * noise
         elif name.endswith(".bias"):
             value = 0.05 * noise
         elif name.endswith("embed_tokens.weight"):
-            value = noise
+            value = embed_scale * noise
         elif name.endswith("gate.weight"):
             value = 2.0 * noise / math.sqrt(param.shape[-1])
         else:
