@@ -4,17 +4,30 @@ from engine import LLM, SamplingParams
 llm = LLM(model="tiny")
 for out in llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0)):
     print(out.text, out.finish_reason)
+
+A VL model (`tiny-vl`, an ERNIE-4.5-VL folder) also takes prompts with images, as dicts:
+
+    llm.generate([{"prompt": "Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|> What is it?",
+                   "images": [png_bytes]}])
+    llm.generate([{"prompt_token_ids": ids, "images": [ImageInput(data, height, width)]}])
+
+The prompt holds one image placeholder token per image (what the chat template writes); each is
+expanded into the image's run of placeholders (`engine.multimodal.expand_placeholders`). An image
+is its encoded bytes (PNG, JPEG, ...; the pixel size is read with PIL) or an `ImageInput`.
+`chat` takes image parts (`{"type": "image", "image": bytes | ImageInput}`) in message content.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.config import CacheConfig, SchedulerConfig
 from engine.llm_engine import InvalidRequestError, LLMEngine
+from engine.multimodal import ImageInput, MultiModalItem, expand_placeholders
 from engine.request import Request, RequestStatus, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
@@ -22,7 +35,8 @@ from engine.tokenizer import IncrementalDetokenizer
 if TYPE_CHECKING:
     from engine.parallel import ExpertParallel
 
-Prompt = str | Sequence[int]
+# text, token ids, or a dict: {"prompt": text} or {"prompt_token_ids": ids}, plus "images" (VL models)
+Prompt = str | Sequence[int] | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -108,8 +122,8 @@ class LLM:
         requests: list[Request] = []
         trackers: dict[str, _TextTracker] = {}
         for prompt, p in zip(batch, param_list, strict=True):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            requests.append(self.engine.make_request(f"offline-{next(self._ids)}", ids, p))
+            ids, items = self._encode(prompt)
+            requests.append(self.engine.make_request(f"offline-{next(self._ids)}", ids, p, mm_items=items))
         for request in requests:
             self.engine.submit(request)
             trackers[request.request_id] = _TextTracker(self.engine, request)
@@ -125,7 +139,32 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **template_kwargs) -> CompletionOutput:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
-        return self.generate(self.tokenizer.encode(prompt), params)[0]
+        images = [part["image"] for part in _content_parts(messages) if part.get("type") == "image" and "image" in part]
+        return self.generate({"prompt": prompt, "images": images}, params)[0]
+
+    def _encode(self, prompt: Prompt) -> tuple[list[int], tuple[MultiModalItem, ...]]:
+        """A prompt's token ids and its images (placeholders expanded)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt), ()
+        if not isinstance(prompt, Mapping):
+            return list(prompt), ()
+        if "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+        elif isinstance(prompt.get("prompt"), str):
+            ids = self.tokenizer.encode(prompt["prompt"])
+        else:
+            raise InvalidRequestError("a dict prompt needs 'prompt' (text) or 'prompt_token_ids'")
+        images = [_image_input(image) for image in prompt.get("images") or ()]
+        if not images:
+            return ids, ()
+        model = self.engine.loaded.config
+        geometry = self.engine.runtime.vision_geometry
+        if model.image_token_id is None or geometry is None:
+            raise InvalidRequestError(f"model {self.engine.runtime.model_id!r} does not accept images")
+        try:
+            return expand_placeholders(ids, images, model.image_token_id, geometry)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
     @staticmethod
     def _result(request: Request, tracker: _TextTracker) -> CompletionOutput:
@@ -142,7 +181,7 @@ class LLM:
 
     @staticmethod
     def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, Mapping)):
             return [prompts]
         if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
             return [prompts]  # one prompt given as token ids
@@ -159,3 +198,29 @@ class LLM:
         if len(params) != n:
             raise InvalidRequestError(f"got {len(params)} sampling params for {n} prompts")
         return list(params)
+
+
+def _image_input(image: ImageInput | bytes) -> ImageInput:
+    """An image as `expand_placeholders` takes it: encoded bytes get their pixel size from PIL."""
+    if isinstance(image, ImageInput):
+        return image
+    if not isinstance(image, (bytes, bytearray)):
+        raise InvalidRequestError(f"an image must be encoded bytes or an ImageInput, got {type(image).__name__}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        width, height = Image.open(io.BytesIO(image)).size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InvalidRequestError(f"an image cannot be decoded: {exc}") from None
+    return ImageInput(bytes(image), height, width)
+
+
+def _content_parts(messages: list[dict]) -> list[dict]:
+    """Every mapping part of every message's list content, in conversation order."""
+    return [
+        part
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, Mapping)
+    ]

@@ -20,7 +20,9 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
+from engine.mm_inputs import MultiModalInputs
 from engine.model_runner import ModelRunner
+from engine.multimodal import MultiModalItem, VisionGeometry, check_items, num_placeholder_tokens
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import RequestOutput, SampledToken, Scheduler
@@ -62,6 +64,7 @@ class RuntimeInfo:
     kv_spec: KVCacheSpec
     model_id: str
     model_hash: str
+    vision_geometry: VisionGeometry | None = None  # how this worker turns images into patch grids (VL models)
 
 
 class LLMEngine:
@@ -99,8 +102,16 @@ class LLMEngine:
         self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=num_blocks + int(use_graphs)), device)
         self.block_manager = BlockManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
+        multimodal = (
+            MultiModalInputs(loaded.model, loaded.preprocessor_config, device) if model_cfg.is_multimodal else None
+        )
         self.runner = ModelRunner(
-            loaded.model, self.kv_cache, spec.block_size, seed=config.seed, expert_parallel=expert_parallel
+            loaded.model,
+            self.kv_cache,
+            spec.block_size,
+            seed=config.seed,
+            expert_parallel=expert_parallel,
+            multimodal=multimodal,
         )
         if use_graphs:
             graphs = DecodeGraphs(
@@ -122,6 +133,7 @@ class LLMEngine:
             kv_spec=spec,
             model_id=loaded.model_id,
             model_hash=loaded.model_hash,
+            vision_geometry=None if multimodal is None else multimodal.preprocess.geometry,
         )
         self.requests: dict[str, Request] = {}
 
@@ -159,11 +171,14 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         output_token_ids: Sequence[int] = (),
+        mm_items: Sequence[MultiModalItem] = (),
     ) -> Request:
         """Validate and build a request (not yet scheduled). Raises InvalidRequestError.
 
         `output_token_ids` continues a request another worker started (they count towards
         `max_tokens`; the next token is drawn as the n-th, so seeded sampling carries on exactly).
+        `mm_items` are the prompt's images (VL models), each covering its run of placeholder tokens
+        (`engine.multimodal.expand_placeholders`); a decode worker may get them without `data`.
         """
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -188,9 +203,41 @@ class LLMEngine:
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if len(outputs) >= params.max_tokens:
             raise InvalidRequestError(f"{len(outputs)} output tokens given but max_tokens is {params.max_tokens}")
-        request = Request(request_id, ids, params, eos_token_ids=self.runtime.eos_token_ids)
+        self._check_images(ids, tuple(mm_items))
+        request = Request(request_id, ids, params, eos_token_ids=self.runtime.eos_token_ids, mm_items=tuple(mm_items))
         request.output_token_ids.extend(outputs)
         return request
+
+    def _check_images(self, prompt: list[int], items: tuple[MultiModalItem, ...]) -> None:
+        """Images need a VL model, placeholders where the items say and nowhere else, and grids
+        that make as many placeholders as they cover."""
+        model = self.loaded.config
+        if model.vision is None:
+            if items:
+                raise InvalidRequestError(f"model {self.runtime.model_id!r} does not accept images")
+            return
+        try:
+            check_items(items, len(prompt))
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        for index, item in enumerate(items):
+            expected = num_placeholder_tokens(item.grid_thw, model.vision.spatial_merge_size)
+            if item.num_tokens != expected:
+                raise InvalidRequestError(
+                    f"image {index}: grid {tuple(item.grid_thw)} makes {expected} placeholder tokens, "
+                    f"not {item.num_tokens}"
+                )
+        if model.video_token_id in prompt:
+            raise InvalidRequestError(f"model {self.runtime.model_id!r} takes images, not videos")
+        covered = {i for item in items for i in range(item.offset, item.end)}
+        placeholders = {i for i, token in enumerate(prompt) if token == model.image_token_id}
+        if covered != placeholders:
+            stray = sorted(placeholders - covered)[:8]
+            wrong = sorted(covered - placeholders)[:8]
+            raise InvalidRequestError(
+                f"image placeholder tokens ({model.image_token_id}) and images disagree: placeholders "
+                f"without an image at {stray}, image tokens that are not placeholders at {wrong}"
+            )
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
         return self.submit(self.make_request(request_id, prompt_token_ids, params))

@@ -4,6 +4,11 @@ SchedulerOutput ──▶ input_ids, positions, slot_mapping, block tables (Atte
                 ──▶ model.forward ──▶ logits of the rows that sample ──▶ sampler
                 ──▶ {request_id: SampledToken}
 
+A VL model's runner also holds `engine.mm_inputs.MultiModalInputs`, which gives each step its
+positions (3D RoPE: a generated token at i + mrope_delta) and, for steps with prompt images or
+vision markers, the `MultiModalBatch` (3D positions, vision-expert mask, image embeddings from the
+vision tower) passed to the model as a fourth argument. Such steps always run eagerly.
+
 Under expert parallelism (`engine.parallel`) the runner of rank 0 also broadcasts each step's
 inputs to the other ranks before its forward pass, and they run the same pass in `follower_loop`:
 
@@ -32,6 +37,8 @@ from engine.scheduler import SampledToken, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.cuda_graph import DecodeGraphs
+    from engine.mm_inputs import MultiModalInputs
+    from engine.models.ernie4_5_vl_moe import MultiModalBatch
     from engine.parallel import ExpertParallel
 
 _OP_STOP, _OP_STEP = 0, 1
@@ -45,6 +52,7 @@ class StepInputs:
     sample_rows: torch.Tensor  # indices into the flat batch whose logits are sampled
     sample_request_ids: tuple[str, ...]
     sampling: tuple[SamplingRow, ...]
+    mm: MultiModalBatch | None = None  # a VL model's step with prompt images or vision markers
 
 
 class ModelRunner:
@@ -61,6 +69,7 @@ class ModelRunner:
         block_size: int,
         seed: int = 0,
         expert_parallel: ExpertParallel | None = None,
+        multimodal: MultiModalInputs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -73,8 +82,11 @@ class ModelRunner:
             raise ValueError(
                 f"the expert-parallel group runs on {expert_parallel.device} but the KV cache is on {self.device}"
             )
+        if expert_parallel is not None and multimodal is not None:
+            raise ValueError("expert parallelism does not support the VL model yet: run it on one device per worker")
         self.expert_parallel = expert_parallel
         self.followers_stopped = False
+        self.multimodal = multimodal  # a VL model's per-step inputs (engine.mm_inputs); None: text only
         # Set by the engine when decode runs under CUDA graphs (engine.cuda_graph); None: all eager.
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -109,8 +121,9 @@ class ModelRunner:
         table = [item.request.block_ids[:max_blocks] for item in output.scheduled]
         table = [row + [0] * (max_blocks - len(row)) for row in table]
         dev = self.device
+        vl = self.multimodal.prepare(output.scheduled) if self.multimodal is not None else None
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev) if vl is None else vl.positions,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_start_loc=starts,
             seq_lens=seq_lens,
@@ -125,6 +138,7 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             sample_request_ids=tuple(sample_ids),
             sampling=tuple(sampling),
+            mm=None if vl is None else vl.batch,
         )
 
     @torch.inference_mode()
@@ -133,11 +147,11 @@ class ModelRunner:
         if self.expert_parallel is not None:
             self._send_step(inputs)
         graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(inputs.meta, len(inputs.sample_request_ids)):
+        if graphs is not None and inputs.mm is None and graphs.can_run(inputs.meta, len(inputs.sample_request_ids)):
             # A pure decode step: every row samples, in row order, so the graph's logits are the rows'.
             logits = graphs.run(inputs.input_ids, inputs.meta)
         else:
-            hidden = self.model(inputs.input_ids, inputs.meta, self.kv_cache)
+            hidden = self._forward(inputs)
             logits = None
         for hook in self.after_forward:
             hook(inputs)
@@ -150,6 +164,11 @@ class ModelRunner:
             rid: SampledToken(tok, lp)
             for rid, tok, lp in zip(inputs.sample_request_ids, token_ids, logprobs, strict=True)
         }
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.mm is None:
+            return self.model(inputs.input_ids, inputs.meta, self.kv_cache)
+        return self.model(inputs.input_ids, inputs.meta, self.kv_cache, inputs.mm)
 
     def stop_followers(self) -> None:
         """Rank 0: end every follower's `follower_loop` (idempotent). No step may run afterwards."""
