@@ -10,6 +10,10 @@ Admission: when the blocks aren't there, the request waits (bounded by `admissio
 and then fails with RESOURCE_EXHAUSTED. A failed prefill or transfer frees the blocks and fails
 the RPC with UNAVAILABLE so the router retries on another pair. A cancelled RPC aborts the
 request here, cancels the transfer and tells the prefill worker, freeing every block.
+
+Images (VL models): the `EngineRequest` arrives with its images' bytes and is forwarded to the
+prefill peer unchanged; this engine's request keeps the items without bytes (their grids place
+the 3D positions, their hashes key the blocks). A local prefill keeps the bytes.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import grpc
 
 from cluster.convert import (
     FINISH_REASONS,
+    MultiModalError,
     SamplingParamsError,
     logprobs_from_proto,
     logprobs_to_proto,
+    mm_items_from_proto,
     sampling_from_proto,
 )
 from cluster.engine_loop import EngineLoop
@@ -80,11 +86,18 @@ class DecodeRole:
         spec = msg.request
         try:
             params = sampling_from_proto(spec.sampling)
-        except SamplingParamsError as exc:
+            # A peer prefills: it gets the images' bytes (the request is forwarded as is); this
+            # engine keeps only their grids and hashes (positions, block hashes).
+            items = mm_items_from_proto(
+                spec.mm_items, len(spec.prompt_token_ids), keep_data=not msg.HasField("prefill_peer")
+            )
+        except (SamplingParamsError, MultiModalError) as exc:
             raise RoleError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         request: Request = await on_engine(
             self.loop,
-            lambda e: e.make_request(spec.request_id, list(spec.prompt_token_ids), params, list(spec.output_token_ids)),
+            lambda e: e.make_request(
+                spec.request_id, list(spec.prompt_token_ids), params, list(spec.output_token_ids), mm_items=items
+            ),
         )
         queue = OutputQueue()
         finished = False

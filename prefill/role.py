@@ -21,7 +21,13 @@ from collections.abc import Callable
 
 import grpc
 
-from cluster.convert import SamplingParamsError, logprobs_to_proto, sampling_from_proto
+from cluster.convert import (
+    MultiModalError,
+    SamplingParamsError,
+    logprobs_to_proto,
+    mm_items_from_proto,
+    sampling_from_proto,
+)
 from cluster.engine_loop import EngineLoop
 from cluster.kv_transport import KVTransferError, KVTransport, PeerRef
 from cluster.role_support import OutputQueue, RoleError, on_engine, transfer_error_status, wait_transfer
@@ -44,7 +50,8 @@ class PrefillRole:
         dest = msg.destination
         try:
             params = sampling_from_proto(spec.sampling)
-        except SamplingParamsError as exc:
+            items = mm_items_from_proto(spec.mm_items, len(spec.prompt_token_ids))  # with their bytes
+        except (SamplingParamsError, MultiModalError) as exc:
             raise RoleError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         num_outputs = len(spec.output_token_ids)
         # Exactly one new token here: the decode worker samples the rest.
@@ -53,7 +60,9 @@ class PrefillRole:
         )
         request: Request = await on_engine(
             self.loop,
-            lambda e: e.make_request(spec.request_id, list(spec.prompt_token_ids), params, list(spec.output_token_ids)),
+            lambda e: e.make_request(
+                spec.request_id, list(spec.prompt_token_ids), params, list(spec.output_token_ids), mm_items=items
+            ),
         )
         request.keep_kv = True
         transfer_id = f"{spec.request_id}/{msg.transfer_id}"

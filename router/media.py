@@ -47,7 +47,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from PIL import Image
 
-from engine.multimodal import ImageInput, VisionGeometry, image_grid
+from engine.multimodal import ImageInput, VisionGeometry, geometry_from_preprocessor_config, image_grid
 from engine.tokenizer import Tokenizer, model_dir
 
 # Formats Pillow may open: the ones image processors read. Never EPS / PDF-like formats (EPS
@@ -143,14 +143,7 @@ def vision_spec(model: str, tokenizer: Tokenizer, config: MediaConfig) -> Vision
                 f"{config_path} names image token {model_token_id}, but the tokenizer's image placeholder is "
                 f"{image_token_id}: the chat template's placeholders would not reach the model as images"
             )
-    size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
-    defaults = VisionGeometry()
-    geometry = VisionGeometry(
-        patch_size=int(processor.get("patch_size", defaults.patch_size)),
-        merge_size=int(processor.get("merge_size", processor.get("spatial_conv_size", defaults.merge_size))),
-        min_pixels=int(processor.get("min_pixels", size.get("shortest_edge", defaults.min_pixels))),
-        max_pixels=int(processor.get("max_pixels", size.get("longest_edge", defaults.max_pixels))),
-    )
+    geometry = geometry_from_preprocessor_config(processor)  # as the workers' image processor reads it
     overrides = {
         name: value
         for name, value in (("min_pixels", config.image_min_pixels), ("max_pixels", config.image_max_pixels))
