@@ -79,13 +79,20 @@ class MediaConfig:
     fetch_timeout_s: float = 10.0
     max_redirects: int = 5
     max_concurrent_fetches: int = 16
+    max_concurrent_decodes: int = 4  # images decoded at once (each up to max_image_pixels x 4 bytes)
     allow_private_urls: bool = False
     allowed_hosts: tuple[str, ...] = ()  # host names, addresses or CIDR networks exempt from the SSRF check
     image_min_pixels: int | None = None  # None: the model's preprocessor_config.json
     image_max_pixels: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_concurrent_fetches"):
+        for name in (
+            "max_images_per_request",
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_concurrent_fetches",
+            "max_concurrent_decodes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -387,6 +394,7 @@ class ImageLoader:
         self.config = config
         self.geometry = geometry
         self.fetcher = UrlFetcher(config)
+        self._decodes = asyncio.Semaphore(config.max_concurrent_decodes)
 
     async def close(self) -> None:
         await self.fetcher.close()
@@ -406,8 +414,10 @@ class ImageLoader:
                 f"image of {len(data)} bytes is larger than the limit of {self.config.max_image_bytes} bytes",
                 "image_too_large",
             )
-        # Decoding is CPU work: off the event loop, so other requests keep streaming meanwhile.
-        height, width = await asyncio.to_thread(inspect_image, where, data, self.config.max_image_pixels)
+        # Decoding is CPU work: off the event loop, so other requests keep streaming meanwhile, and
+        # a few at a time, so a burst of large images cannot hold many decoded frames in memory.
+        async with self._decodes:
+            height, width = await asyncio.to_thread(inspect_image, where, data, self.config.max_image_pixels)
         try:
             image_grid(height, width, self.geometry)
         except ValueError as exc:

@@ -11,10 +11,13 @@ import io
 import ipaddress
 import json
 import shutil
+import threading
+import time
 
 import pytest
 from PIL import Image
 
+import router.media
 from engine.multimodal import VisionGeometry
 from engine.tokenizer import TINY_VL_DIR, Tokenizer
 from router.media import (
@@ -253,3 +256,26 @@ def test_bodies_are_capped_while_streaming_and_fetches_time_out() -> None:
             assert isinstance(result, MediaError) and result.code == "image_too_large", (path, result)
         slow = fetch(config, f"http://127.0.0.1:{port}/slow")
         assert isinstance(slow, MediaError) and "timed out after 1 s" in slow.message
+
+
+def test_a_burst_of_images_is_decoded_a_few_at_a_time(monkeypatch) -> None:
+    running, peak, lock = 0, 0, threading.Lock()
+
+    def slow_inspect(where: str, data: bytes, max_pixels: int) -> tuple[int, int]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return 48, 64
+
+    monkeypatch.setattr(router.media, "inspect_image", slow_inspect)
+    loader = ImageLoader(MediaConfig(max_concurrent_decodes=2), VisionGeometry())
+
+    async def scenario():
+        return await asyncio.gather(*(loader.load(f"images[{i}]", data=IMAGE) for i in range(8)))
+
+    assert len(asyncio.run(scenario())) == 8
+    assert peak == 2
