@@ -8,6 +8,7 @@ outputs; they never add branches inside `step()`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
-from engine.mm_inputs import MultiModalInputs
+from engine.mm_inputs import MultiModalInputError, MultiModalInputs
 from engine.model_runner import ModelRunner
 from engine.multimodal import MultiModalItem, VisionGeometry, check_items, num_placeholder_tokens
 from engine.request import Request, RequestStatus
@@ -30,6 +31,7 @@ from engine.scheduler import RequestOutput, SampledToken, Scheduler
 if TYPE_CHECKING:
     from engine.parallel import ExpertParallel
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -267,12 +269,29 @@ class LLMEngine:
         output = self.scheduler.schedule()
         if output.is_empty:
             return []
-        sampled = self.runner.execute(output)
+        try:
+            sampled = self.runner.execute(output)
+        except MultiModalInputError as exc:
+            if not exc.request_ids:
+                raise
+            return self._fail_bad_images(exc)
         results = self.scheduler.update(output, sampled)
         for result in results:
             if result.request.is_finished:  # SENDING_KV requests stay known until released
                 self.requests.pop(result.request_id, None)
         return results
+
+    def _fail_bad_images(self, error: MultiModalInputError) -> list[RequestOutput]:
+        """Fail the requests whose images could not be encoded (FINISHED_ERROR, blocks freed); the
+        step ran nothing, so the other scheduled requests simply run on the next step."""
+        log.warning("failing requests whose images cannot be encoded: %s", error)
+        failed = []
+        for request_id in error.request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is not None and not request.is_finished:
+                self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+                failed.append(RequestOutput(request, finished=True))
+        return failed
 
     # ----------------------------------------------------------------------------- PD hand-off
     def preallocate(self, request: Request) -> KVAllocation | None:

@@ -63,7 +63,14 @@ _PROCESSOR_KEYS = (
 
 
 class MultiModalInputError(ValueError):
-    """An image cannot be turned into model inputs (no pixels, undecodable, another grid)."""
+    """An image cannot be turned into model inputs (no pixels, undecodable, another grid).
+
+    `request_ids` names the requests whose images failed (empty when raised outside a step):
+    the engine fails those requests alone and runs the others on the next step."""
+
+    def __init__(self, message: str, request_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.request_ids = tuple(request_ids)
 
 
 class ImagePreprocessor:
@@ -227,13 +234,30 @@ class MultiModalInputs:
                     wanted.append((state, index, image))
         if not wanted:
             return
-        pixels, grids = self.preprocess([image for _, _, image in wanted])
-        embeds = self.model.encode_images(pixels.to(self.device), grids)
+        # Preprocess request by request, so that a bad image names the request it fails.
+        failures: dict[str, str] = {}
+        patches: list[Tensor] = []
+        grids: list[Grid] = []
+        owners = {id(state): state for state, _, _ in wanted}  # in order, each request once
+        for state in owners.values():
+            images = [image for owner, _, image in wanted if owner is state]
+            try:
+                pixels, request_grids = self.preprocess(images)
+            except MultiModalInputError as exc:
+                failures[state.request.request_id] = str(exc)
+                continue
+            patches.append(pixels)
+            grids.extend(request_grids)
+        if failures:
+            detail = "; ".join(f"{rid}: {message}" for rid, message in failures.items())
+            raise MultiModalInputError(detail, request_ids=list(failures))
+        embeds = self.model.encode_images(torch.cat(patches).to(self.device), grids)
         for (state, index, image), embed in zip(wanted, embeds, strict=True):
             if embed.shape[0] != image.num_tokens:
                 raise MultiModalInputError(
                     f"image {image.content_hash[:16]} gives {embed.shape[0]} embeddings "
-                    f"for {image.num_tokens} placeholders"
+                    f"for {image.num_tokens} placeholders",
+                    request_ids=[state.request.request_id],
                 )
             state.embeds[index] = embed
 

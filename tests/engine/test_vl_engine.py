@@ -11,6 +11,7 @@ from engine import LLM, SamplingParams
 from engine.llm_engine import InvalidRequestError, LLMEngine
 from engine.mm_inputs import MultiModalInputError
 from engine.multimodal import ImageInput, MultiModalItem, content_hash
+from engine.request import Request, RequestStatus
 from engine.scheduler import SampledToken
 from tests.helpers.hf_vl_models import (
     IMAGE_END,
@@ -147,26 +148,57 @@ def test_decode_worker_continues_without_pixels(folder: str, expected) -> None:
     decode.check_idle_invariants()
 
 
-def test_a_prompt_image_without_pixels_cannot_be_computed(folder: str) -> None:
+def _run_with_a_bad_image(engine: LLMEngine, bad: Request) -> tuple[list, list[int]]:
+    """Step `bad` beside a good text request and a good image request: the failed outputs and the
+    good requests' tokens (which must be as if `bad` had never come)."""
+    pieces, images = PROMPTS["28x28"]
+    ids, items = prompt_with_images(pieces, images)
+    good_text = engine.add_request("good-text", [1, 2, 3], GREEDY)
+    good_image = engine.submit(engine.make_request("good-image", ids, GREEDY, mm_items=items))
+    engine.submit(bad)
+    failed = []
+    while engine.has_unfinished:
+        failed += [out for out in engine.step() if out.request_id == bad.request_id]
+    engine.check_idle_invariants()
+    return failed, [list(good_text.output_token_ids), list(good_image.output_token_ids)]
+
+
+def _alone(folder: str) -> list[list[int]]:
     engine = LLMEngine.from_model(folder)
     pieces, images = PROMPTS["28x28"]
     ids, items = prompt_with_images(pieces, images)
-    engine.add_request("r", [1, 2, 3], GREEDY)  # the engine goes on serving other requests afterwards
-    engine.submit(engine.make_request("no-pixels", ids, GREEDY, mm_items=items_without_data(items)))
-    with pytest.raises(MultiModalInputError, match="has no pixels here"):
+    requests = [engine.add_request("good-text", [1, 2, 3], GREEDY)]
+    requests.append(engine.submit(engine.make_request("good-image", ids, GREEDY, mm_items=items)))
+    while engine.has_unfinished:
         engine.step()
+    return [list(r.output_token_ids) for r in requests]
 
 
-def test_an_image_of_another_grid_is_named(folder: str) -> None:
+def test_a_prompt_image_without_pixels_fails_that_request_alone(folder: str) -> None:
+    engine = LLMEngine.from_model(folder)
+    pieces, images = PROMPTS["56x84"]
+    ids, items = prompt_with_images(pieces, images)
+    bad = engine.make_request("no-pixels", ids, GREEDY, mm_items=items_without_data(items))
+    failed, good = _run_with_a_bad_image(engine, bad)
+    assert [(out.finished, out.request.status) for out in failed] == [(True, RequestStatus.FINISHED_ERROR)]
+    assert good == _alone(folder)
+    with pytest.raises(MultiModalInputError, match="has no pixels here") as raised:
+        engine.runner.multimodal.preprocess(items_without_data(items))
+    assert raised.value.request_ids == ()
+
+
+def test_an_image_of_another_grid_fails_that_request_alone(folder: str) -> None:
     engine = LLMEngine.from_model(folder)
     data = IMAGES["56x84"]  # a 4x6 grid here; claim 2x12 (the same number of placeholders)
     ids = [1, IMAGE_START] + [IMAGE_TOKEN] * 6 + [IMAGE_END, 7]
     item = MultiModalItem("image", data, content_hash(data), (1, 2, 12), 2, 6)
-    engine.submit(engine.make_request("r", ids, GREEDY, mm_items=(item,)))
+    failed, good = _run_with_a_bad_image(engine, engine.make_request("r", ids, GREEDY, mm_items=(item,)))
+    assert [out.request.status for out in failed] == [RequestStatus.FINISHED_ERROR]
+    assert good == _alone(folder)
     with pytest.raises(
         MultiModalInputError, match=r"makes a \(1, 4, 6\) patch grid here but the request was built for \(1, 2, 12\)"
     ):
-        engine.step()
+        engine.runner.multimodal.preprocess([item])
 
 
 @pytest.mark.parametrize(
