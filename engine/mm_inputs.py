@@ -44,6 +44,7 @@ from engine.multimodal import (
     MultiModalItem,
     VisionGeometry,
     geometry_from_preprocessor_config,
+    image_grid,
     mrope_delta,
     mrope_positions,
 )
@@ -74,7 +75,15 @@ class MultiModalInputError(ValueError):
 
 
 class ImagePreprocessor:
-    """Encoded images -> patches [P, C p^2] (float32) and their grids, as transformers makes them."""
+    """Encoded images -> patches [P, C p^2] (float32) and their grids, as transformers makes them.
+
+    The request's grid (`item.grid_thw`, computed by the prompt builder) is the truth. When this
+    worker's own size rules give the same grid -- the default, and always when router and worker
+    share their settings -- the image goes through the processor untouched (transformers'
+    result exactly). When the prompt builder used other limits (the router's
+    `--image-min-pixels` / `--image-max-pixels`), the image is first resized (RGB, the
+    processor's resampling) to the request's grid in pixels, which the processor then keeps.
+    """
 
     def __init__(self, geometry: VisionGeometry, preprocessor_config: Mapping[str, Any]) -> None:
         from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
@@ -83,26 +92,52 @@ class ImagePreprocessor:
 
         self.geometry = geometry
         settings = {key: preprocessor_config[key] for key in _PROCESSOR_KEYS if key in preprocessor_config}
-        self.processor = Ernie4_5_VLMoeImageProcessorPil(
-            **settings,
-            size={"shortest_edge": geometry.min_pixels, "longest_edge": geometry.max_pixels},
-            patch_size=geometry.patch_size,
-            merge_size=geometry.merge_size,
-            temporal_patch_size=1,  # an image is one frame; the resampler pairs it with itself
-        )
+
+        def processor(min_pixels: int, max_pixels: int) -> Any:
+            return Ernie4_5_VLMoeImageProcessorPil(
+                **settings,
+                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                patch_size=geometry.patch_size,
+                merge_size=geometry.merge_size,
+                temporal_patch_size=1,  # an image is one frame; the resampler pairs it with itself
+            )
+
+        self.processor = processor(geometry.min_pixels, geometry.max_pixels)
+        # Takes an image already sized to a whole grid as it is (its size rules never bind).
+        self.exact_processor = processor(geometry.factor**2, 1 << 40)
 
     def __call__(self, items: Sequence[MultiModalItem]) -> tuple[Tensor, list[Grid]]:
         """Patches of all `items`, concatenated in order, and each one's grid (checked against the item's)."""
-        out = self.processor(images=[_decode(item) for item in items], return_tensors="pt")
-        grids = [(t, h, w) for t, h, w in out["image_grid_thw"].tolist()]
-        for item, grid in zip(items, grids, strict=True):
+        patches: list[Tensor] = []
+        grids: list[Grid] = []
+        for item in items:
+            pixels, grid = self._one(item)
             if grid != tuple(item.grid_thw):
                 raise MultiModalInputError(
                     f"image {item.content_hash[:16]} makes a {grid} patch grid here but the request was built "
                     f"for {tuple(item.grid_thw)}: the prompt builder and this worker use other image settings "
                     f"(this worker: {self.geometry})"
                 )
-        return out["pixel_values"], grids
+            patches.append(pixels)
+            grids.append(grid)
+        return torch.cat(patches), grids
+
+    def _one(self, item: MultiModalItem) -> tuple[Tensor, Grid]:
+        image = _decode(item)
+        _, grid_h, grid_w = item.grid_thw
+        try:
+            own = image_grid(image.height, image.width, self.geometry)
+        except ValueError as exc:
+            raise MultiModalInputError(f"image {item.content_hash[:16]}: {exc}") from exc
+        processor = self.processor
+        merge = self.geometry.merge_size
+        if own != tuple(item.grid_thw) and grid_h > 0 and grid_w > 0 and grid_h % merge == grid_w % merge == 0:
+            size = (grid_w * self.geometry.patch_size, grid_h * self.geometry.patch_size)
+            image = image.convert("RGB").resize(size, resample=self.processor.resample)
+            processor = self.exact_processor
+        out = processor(images=[image], return_tensors="pt")
+        t, h, w = out["image_grid_thw"][0].tolist()
+        return out["pixel_values"], (t, h, w)
 
 
 def _decode(item: MultiModalItem) -> Any:

@@ -9,8 +9,8 @@
   float32, the same 384 ids, with the image / video tokens of the tiny-vl tokenizer
   (`engine/assets/tiny-vl`): `TINY_VL_TOKEN_IDS`.
 * `ernie-4.5-vl-28b-a3b`: the real ERNIE-4.5-VL-28B-A3B shape (transformers' defaults for
-  `baidu/ERNIE-4.5-VL-28B-A3B-PT`), bfloat16, served with the tiny-vl tokenizer; its image token
-  ids are the real vocabulary's, which the tiny-vl tokenizer does not produce.
+  `baidu/ERNIE-4.5-VL-28B-A3B-PT`), bfloat16, served with the tiny-vl tokenizer and its image /
+  video token ids (`TINY_VL_TOKEN_IDS`), as the 21B preset is served with the tiny tokenizer.
 
 `init_random_weights` fills a built model deterministically from a seed: every tensor (every
 expert, separately) draws from its own generator seeded by `(seed, parameter name, expert id)`,
@@ -98,12 +98,9 @@ ERNIE_4_5_VL_28B_A3B = replace(
     moe_intermediate_size=1536,
     vision_moe_intermediate_size=512,
     mrope_section=(22, 22, 20),
-    image_token_id=100295,
-    image_start_token_id=101304,
-    image_end_token_id=101305,
-    video_token_id=103367,
-    video_start_token_id=101306,
-    video_end_token_id=101307,
+    # Served with the tiny-vl tokenizer (no real vocabulary ships offline), so its media tokens are
+    # that tokenizer's; a real checkpoint's config.json brings the real ids (100295 ...).
+    **TINY_VL_TOKEN_IDS,
 )
 
 PRESETS: dict[str, ModelConfig] = {

@@ -4,13 +4,15 @@ hand-off (the decode side never sees pixels), and requests that cannot be served
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.llm_engine import InvalidRequestError, LLMEngine
 from engine.mm_inputs import MultiModalInputError
-from engine.multimodal import ImageInput, MultiModalItem, content_hash
+from engine.multimodal import ImageInput, MultiModalItem, VisionGeometry, content_hash, expand_placeholders, image_grid
 from engine.request import Request, RequestStatus
 from engine.scheduler import SampledToken
 from tests.helpers.hf_vl_models import (
@@ -189,16 +191,40 @@ def test_a_prompt_image_without_pixels_fails_that_request_alone(folder: str) -> 
 
 def test_an_image_of_another_grid_fails_that_request_alone(folder: str) -> None:
     engine = LLMEngine.from_model(folder)
-    data = IMAGES["56x84"]  # a 4x6 grid here; claim 2x12 (the same number of placeholders)
+    data = IMAGES["56x84"]  # a 4x6 grid here; claim 3x8 (6 placeholders too, but 3 rows cannot merge by 2)
     ids = [1, IMAGE_START] + [IMAGE_TOKEN] * 6 + [IMAGE_END, 7]
-    item = MultiModalItem("image", data, content_hash(data), (1, 2, 12), 2, 6)
+    item = MultiModalItem("image", data, content_hash(data), (1, 3, 8), 2, 6)
     failed, good = _run_with_a_bad_image(engine, engine.make_request("r", ids, GREEDY, mm_items=(item,)))
     assert [out.request.status for out in failed] == [RequestStatus.FINISHED_ERROR]
     assert good == _alone(folder)
     with pytest.raises(
-        MultiModalInputError, match=r"makes a \(1, 4, 6\) patch grid here but the request was built for \(1, 2, 12\)"
+        MultiModalInputError, match=r"makes a \(1, 4, 6\) patch grid here but the request was built for \(1, 3, 8\)"
     ):
         engine.runner.multimodal.preprocess([item])
+
+
+@pytest.mark.parametrize("size", ["56x84", "100x60"])
+def test_a_grid_built_with_other_pixel_limits_is_honoured_exactly(folder: str, size: str) -> None:
+    """The router's --image-min/max-pixels change the grid a request is built with; the worker
+    gives the patches transformers' processor makes under those limits, bit for bit."""
+    from PIL import Image
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
+    engine = LLMEngine.from_model(folder)
+    data = IMAGES[size]
+    image = Image.open(io.BytesIO(data))
+    limits = VisionGeometry(min_pixels=28 * 28, max_pixels=28 * 28 * 4)
+    _, items = expand_placeholders([1, IMAGE_TOKEN], [ImageInput(data, image.height, image.width)], IMAGE_TOKEN, limits)
+    assert items[0].grid_thw != image_grid(image.height, image.width, VisionGeometry())
+    patches, grids = engine.runner.multimodal.preprocess(items)
+    size_rule = {"shortest_edge": limits.min_pixels, "longest_edge": limits.max_pixels}
+    expected = Ernie4_5_VLMoeImageProcessorPil(size=size_rule, temporal_patch_size=1)(
+        images=[image], return_tensors="pt"
+    )
+    assert grids == [tuple(items[0].grid_thw)] == [tuple(expected["image_grid_thw"][0].tolist())]
+    assert torch.equal(patches, expected["pixel_values"])
 
 
 @pytest.mark.parametrize(
