@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine.config import CacheConfig
 from engine.cuda_graph import DecodeGraphs, bucket_sizes
 
 
@@ -82,8 +83,9 @@ def test_decode_worker_continues_a_handed_over_prompt_under_graphs():
     prompts = PROMPTS[:5]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     expected = _greedy(LLM("tiny", device="cuda", num_kv_blocks=256, enforce_eager=True), prompts, 20)
-    prefill = LLMEngine.from_model("tiny", device="cuda", enforce_eager=True)
-    decode = LLMEngine.from_model("tiny", device="cuda")
+    # Two engines on one GPU: fixed pools (sizing from free memory would give the first one all of it).
+    prefill = LLMEngine.from_model("tiny", device="cuda", cache=CacheConfig(num_blocks=256), enforce_eager=True)
+    decode = LLMEngine.from_model("tiny", device="cuda", cache=CacheConfig(num_blocks=256))
     assert decode.runner.decode_graphs is not None
     block_size = decode.runtime.block_size
     handed = []
