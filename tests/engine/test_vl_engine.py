@@ -275,3 +275,21 @@ def test_text_prompts_and_chat_messages_with_images_use_the_tiny_vl_tokenizer() 
     chat = llm.chat([{"role": "user", "content": parts}], GREEDY)
     assert chat.prompt_token_ids.count(IMAGE_TOKEN) == 4 + 8
     assert chat.prompt_token_ids.count(IMAGE_START) == 2 and len(chat.token_ids) == NUM_TOKENS
+
+
+@pytest.mark.gpu
+def test_tiny_vl_on_a_gpu_decodes_under_graphs_to_the_eager_tokens() -> None:
+    """On CUDA the image prompt prefills eagerly (vision tower, Triton experts of both pools) and its
+    decode steps replay CUDA graphs with the 3D-RoPE delta positions: the same tokens as eager."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = [
+        {"prompt_token_ids": _single_placeholder_ids([[1, 5], [9]]), "images": [IMAGES["56x84"]]},
+        {"prompt_token_ids": _single_placeholder_ids([[1, 6], [7], [8]]), "images": [BIG_IMAGE, IMAGES["28x28"]]},
+        [1, 2, 3],
+    ]
+    graphed = LLM("tiny-vl", device="cuda", num_kv_blocks=128)
+    assert graphed.engine.runner.decode_graphs is not None
+    eager = LLM("tiny-vl", device="cuda", num_kv_blocks=128, enforce_eager=True)
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == [
+        o.token_ids for o in eager.generate(prompts, params)
+    ]
