@@ -116,11 +116,17 @@ def build_request(
     return request
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """gRPC metadata carrying the router's API key (`router.auth`), or None without a key."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class Client:
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = generate_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
+        self.metadata = _auth_metadata(api_key)
 
     def __enter__(self) -> Client:
         return self
@@ -132,7 +138,7 @@ class Client:
         self.channel.close()
 
     def stream(self, prompt: Prompt, **kwargs) -> Iterator[generate_pb2.GenerateResponse]:
-        yield from self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        yield from self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout, metadata=self.metadata)
 
     def generate(self, prompt: Prompt, **kwargs) -> GenerateResult:
         result = GenerateResult()
@@ -141,17 +147,21 @@ class Client:
         return result
 
     def abort(self, request_id: str) -> bool:
-        return self.stub.Abort(generate_pb2.AbortRequest(request_id=request_id), timeout=self.timeout).aborted
+        return self.stub.Abort(
+            generate_pb2.AbortRequest(request_id=request_id), timeout=self.timeout, metadata=self.metadata
+        ).aborted
 
     def models(self) -> list[generate_pb2.ModelInfo]:
-        return list(self.stub.ListModels(generate_pb2.ListModelsRequest(), timeout=self.timeout).models)
+        request = generate_pb2.ListModelsRequest()
+        return list(self.stub.ListModels(request, timeout=self.timeout, metadata=self.metadata).models)
 
 
 class AsyncClient:
-    def __init__(self, address: str, timeout: float | None = None) -> None:
+    def __init__(self, address: str, timeout: float | None = None, api_key: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = generate_pb2_grpc.GenerationStub(self.channel)
         self.timeout = timeout
+        self.metadata = _auth_metadata(api_key)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -163,7 +173,8 @@ class AsyncClient:
         await self.channel.close()
 
     async def stream(self, prompt: Prompt, **kwargs) -> AsyncIterator[generate_pb2.GenerateResponse]:
-        async for message in self.stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout):
+        request = build_request(prompt, **kwargs)
+        async for message in self.stub.Generate(request, timeout=self.timeout, metadata=self.metadata):
             yield message
 
     async def generate(self, prompt: Prompt, **kwargs) -> GenerateResult:
@@ -173,5 +184,7 @@ class AsyncClient:
         return result
 
     async def abort(self, request_id: str) -> bool:
-        response = await self.stub.Abort(generate_pb2.AbortRequest(request_id=request_id), timeout=self.timeout)
+        response = await self.stub.Abort(
+            generate_pb2.AbortRequest(request_id=request_id), timeout=self.timeout, metadata=self.metadata
+        )
         return response.aborted

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.pdserve.v1 import generate_pb2, generate_pb2_grpc
 from protos.services import GENERATION_SERVICE, add_standard_services
 from router.auth import ApiKeyInterceptor, ApiKeys, load_api_keys
+from router.client import AsyncClient, Client
 from tests.router.scripted import ScriptedService
 
 
@@ -68,3 +69,30 @@ def test_router_modules_never_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_python_clients_send_their_api_key():
+    async def serve():
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(ApiKeys(["secret"]))])
+        generate_pb2_grpc.add_GenerationServicer_to_server(ScriptedService(["hi"]), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, f"127.0.0.1:{port}"
+
+    async def scenario():
+        server, address = await serve()
+        try:
+            async with AsyncClient(address, api_key="secret") as client:
+                ok = (await client.generate("Hello")).text
+            async with AsyncClient(address) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generate("Hello")
+            # the blocking client, from a thread (this loop serves)
+            sync_text = await asyncio.to_thread(lambda: Client(address, api_key="secret").generate("Hello").text)
+        finally:
+            await server.stop(None)
+        return ok, refused.value, sync_text
+
+    ok, refused, sync_text = asyncio.run(scenario())
+    assert ok == sync_text == "hi"
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
