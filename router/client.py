@@ -34,7 +34,9 @@ Image = bytes | str  # the encoded file, or a data: / http(s) URL
 @dataclass
 class GenerateResult:
     request_id: str = ""
-    text: str = ""
+    text: str = ""  # the answer (the whole output when the router parses no reasoning / tools)
+    reasoning_text: str = ""  # chat with thinking: the model's reasoning
+    tool_calls: list[generate_pb2.ToolCallDelta] = field(default_factory=list)  # the pieces, in order
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     matched_stop: str | int | None = None
@@ -45,6 +47,8 @@ class GenerateResult:
         if message.HasField("metadata"):
             self.request_id = message.metadata.request_id
         self.text += message.text
+        self.reasoning_text += message.reasoning_text
+        self.tool_calls.extend(message.tool_calls)
         self.token_ids.extend(message.token_ids)
         self.logprobs.extend(message.logprobs)
         if message.finish_reason:

@@ -79,7 +79,16 @@ async def serve(
         pool.start_watching(registry)
     metrics = RouterMetrics(config.model_id)
     metrics.watch_circuits(lambda: {h.worker_id: h.suspended for h in pool.workers.values()})
-    service = GenerationService(config, tokenizer, pool, metrics=metrics, log_json=frontend.log_json, vision=vision)
+    parse_reasoning = reasoning_parser_enabled(frontend.reasoning_parser, tokenizer.chat_template)
+    service = GenerationService(
+        config,
+        tokenizer,
+        pool,
+        metrics=metrics,
+        log_json=frontend.log_json,
+        vision=vision,
+        reasoning_parser=parse_reasoning,
+    )
     interceptors = [ApiKeyInterceptor(frontend.api_keys)] if frontend.api_keys.enabled else []
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", service.max_body_bytes + (64 << 10))],
@@ -100,7 +109,6 @@ async def serve(
     http_runner = None
     if frontend.http_port is not None:
         http_host = frontend.http_host or host
-        parse_reasoning = reasoning_parser_enabled(frontend.reasoning_parser, tokenizer.chat_template)
         api = OpenAIServer(
             service, frontend.api_keys, reasoning_parser=parse_reasoning, is_serving=pool.has_decode_capacity
         )

@@ -46,9 +46,9 @@ from router.openai_protocol import (
     parse_chat,
     parse_completion,
 )
-from router.reasoning import ReasoningParser
+from router.output_parsers import OutputParsers
 from router.server import GenerationService, RequestError
-from router.tool_calls import ToolCallDelta, ToolCallParser
+from router.tool_calls import ToolCallDelta
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ class ChoiceState:
     def __init__(self, index: int, spec: ChoiceSpec) -> None:
         self.index = index
         self.spec = spec
-        self.reasoning = ReasoningParser(thinking=True) if spec.thinking else None
-        self.tools = ToolCallParser() if spec.parse_tools else None
-        # A forced call's prefix is in the prompt: its name (if any) goes out with the first delta.
-        self._pending = self.tools.push(spec.tool_prefix).calls if self.tools and spec.tool_prefix else ()
+        self.parsers = OutputParsers(spec.thinking, spec.parse_tools, spec.tool_prefix)
         self.num_prompt_tokens = 0
         self.num_completion_tokens = 0
         self.num_cached_tokens = 0
@@ -92,26 +89,15 @@ class ChoiceState:
         if message.HasField("metadata"):
             self.num_prompt_tokens = message.metadata.num_prompt_tokens
         finished = message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-        reasoning, content = self._split_reasoning(message.text, finished)
-        calls, self._pending = self._pending, ()
-        if self.tools is not None:
-            parts = [self.tools.push(content)] + ([self.tools.finish()] if finished else [])
-            content = "".join(p.content for p in parts)
-            calls += tuple(c for p in parts for c in p.calls)
+        reasoning, content, calls = self.parsers.feed(message.text, finished)
         delta = ChoiceDelta(self.index, reasoning, content, calls, list(message.logprobs))
         if finished:
             self._finish(message, delta)
         return delta
 
-    def _split_reasoning(self, text: str, finished: bool) -> tuple[str, str]:
-        if self.reasoning is None:
-            return "", text
-        parts = [self.reasoning.push(text)] + ([self.reasoning.finish()] if finished else [])
-        return "".join(p.reasoning for p in parts), "".join(p.content for p in parts)
-
     def _finish(self, message: generate_pb2.GenerateResponse, delta: ChoiceDelta) -> None:
         reason = FINISH_REASON_NAMES.get(message.finish_reason, "error")
-        called = self.tools is not None and self.tools.num_calls > 0
+        called = self.parsers.num_calls > 0
         if reason == "stop" and called and not self.spec.named_tool:
             reason = "tool_calls"
         delta.finish_reason = reason

@@ -57,6 +57,7 @@ from engine.multimodal import ImageInput, MultiModalItem, block_extra_keys, expa
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from protos.pdserve.v1 import common_pb2, generate_pb2, generate_pb2_grpc, worker_pb2
 from router.media import ImageLoader, MediaConfig, MediaError, VisionSpec
+from router.output_parsers import OutputParsers
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,11 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         metrics: RouterMetrics | None = None,
         log_json: bool = False,
         vision: VisionSpec | None = None,
+        reasoning_parser: bool = False,
     ) -> None:
         self.config = config
+        # gRPC chat streams split thinking into reasoning_text (the HTTP API parses on its own side).
+        self.reasoning_parser = reasoning_parser
         self.tokenizer = tokenizer
         self.pool = pool
         self.vision = vision  # None: a text-only model, which refuses images
@@ -213,11 +217,31 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         return generate_pb2.AbortResponse(aborted=self.abort(request.request_id))
 
     async def Generate(self, request, context):
+        parsers = self.output_parsers(request)
         try:
             async for message in self.run(request, context.time_remaining()):
+                if parsers is not None:
+                    _parse_into(message, parsers)
                 yield message
         except RequestError as err:
             await context.abort(err.code, err.message)
+
+    def output_parsers(self, request: generate_pb2.GenerateRequest) -> OutputParsers | None:
+        """For a gRPC chat request: the thinking goes to `reasoning_text` when the model has a
+        reasoning parser and the request did not turn thinking off (`chat_template_kwargs.
+        enable_thinking`), and tool calls to `tool_calls` when tools are offered. Text and token-id
+        prompts come back as the model wrote them."""
+        if request.WhichOneof("prompt") != "chat":
+            return None
+        chat = request.chat
+        kwargs = json_format.MessageToDict(chat.chat_template_kwargs)
+        thinking = (
+            self.reasoning_parser
+            and kwargs.get("enable_thinking", True) is not False
+            and not chat.continue_final_message
+        )
+        parse_tools = len(chat.tools) > 0
+        return OutputParsers(thinking, parse_tools) if thinking or parse_tools else None
 
     # ----------------------------------------------------------------------------- shared entry
     async def run(
@@ -669,6 +693,17 @@ def _template_message(message: generate_pb2.ChatMessage, index: int) -> dict:
 
 def _message_text(message: generate_pb2.ChatMessage) -> str:
     return message.content or "".join(part.text for part in message.content_parts)
+
+
+def _parse_into(message: generate_pb2.GenerateResponse, parsers: OutputParsers) -> None:
+    """Move a message's reasoning and tool calls out of `text` into their own fields."""
+    finished = message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+    reasoning, content, calls = parsers.feed(message.text, finished)
+    message.text = content
+    message.reasoning_text = reasoning
+    message.tool_calls.extend(
+        generate_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls
+    )
 
 
 def render_chat(tokenizer: Tokenizer, chat: generate_pb2.ChatPrompt) -> str:

@@ -22,12 +22,18 @@ Script = Callable[[object], list[str]]
 class ScriptedService(GenerationService):
     """Each request's output is `script(prepared)`: text pieces, one message (one token) each."""
 
-    def __init__(self, script: Script | list[str] = (), finish=common_pb2.FINISH_REASON_STOP, **config) -> None:
+    def __init__(
+        self,
+        script: Script | list[str] = (),
+        finish=common_pb2.FINISH_REASON_STOP,
+        reasoning_parser: bool = False,  # gRPC chat output parsing (the HTTP API parses on its own)
+        **config,
+    ) -> None:
         settings = {"model_id": "tiny", "max_model_len": 1024, "wait_for_workers_s": 0.05, **config}
         router_config = RouterConfig(**settings)
         tokenizer = Tokenizer.for_model(router_config.model_id)  # tiny, or tiny-vl for a preset that sees images
         vision = vision_spec(router_config.model_id, tokenizer, router_config.media)
-        super().__init__(router_config, tokenizer, WorkerPool([]), vision=vision)
+        super().__init__(router_config, tokenizer, WorkerPool([]), vision=vision, reasoning_parser=reasoning_parser)
         self.prepared: list = []  # each request as the workers would get it (ids, images)
         self.script = script if callable(script) else (lambda req, pieces=list(script): pieces)
         self.finish = finish
