@@ -5,10 +5,14 @@ the cluster runs on CUDA). For Ray clusters and KubeRay; pdserve schedules no ma
 Every actor runs `python -m cluster.cli <router|worker> ...` as a child process on its node
 and relays the child's output lines, so READY parsing, registry, ports and shutdown are exactly
 the local launcher's. Nodes need pdserve installed (a container image, or Ray's runtime_env).
+Across nodes, start with `--host 0.0.0.0`: each actor then adds `--advertise-host <its node's
+IP>`, so the router's registry address, the workers' gRPC and KV-store addresses and the
+client's address are ones other nodes can dial.
 """
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import threading
@@ -24,6 +28,19 @@ from cluster.launcher import ClusterSpec, LocalCluster
 ACTOR_START_TIMEOUT_S = 120.0
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def with_node_address(argv: Sequence[str], node_ip: str | None = None) -> list[str]:
+    """A router or worker that binds every interface (`--host 0.0.0.0`, what a multi-node Ray
+    cluster needs) advertises the address of the node Ray placed it on, unless told one."""
+    argv = list(argv)
+    binds_all = any(a == "--host" and b in WILDCARD_HOSTS for a, b in itertools.pairwise(argv))
+    if binds_all and "--advertise-host" not in argv:
+        argv += ["--advertise-host", node_ip or ray.util.get_node_ip_address()]
+    return argv
+
+
 @ray.remote(num_cpus=0)
 class ProcessActor:
     """Owns one pdserve process on the actor's node."""
@@ -31,7 +48,7 @@ class ProcessActor:
     def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
         self.lines: deque[str] = deque(maxlen=200)
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", *argv],
+            [sys.executable, "-m", "cluster.cli", *with_node_address(argv)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

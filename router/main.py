@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PDSERVE_API_KEY"
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class FrontendConfig:
     reasoning_parser: str = "auto"
     metrics_port: int | None = 0  # /metrics port; 0: a free one; None: off
     log_json: bool = False  # the one-line-per-request log as JSON
+    advertise_host: str | None = None  # the address clients and workers dial (None: the bind host)
 
 
 async def serve(
@@ -102,10 +104,11 @@ async def serve(
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
-    ready = {"grpc_address": f"{host}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
-    ready["registry"] = f"grpc://{host}:{bound}" if isinstance(registry, EmbeddedRegistry) else registry_url
+    public = frontend.advertise_host or host
+    ready = {"grpc_address": f"{public}:{bound}", "pid": os.getpid(), "workers": worker_addresses}
+    ready["registry"] = f"grpc://{public}:{bound}" if isinstance(registry, EmbeddedRegistry) else registry_url
     if frontend.metrics_port is not None:
-        ready["metrics_address"] = f"{host}:{serve_metrics(metrics.registry, host, frontend.metrics_port)}"
+        ready["metrics_address"] = f"{public}:{serve_metrics(metrics.registry, host, frontend.metrics_port)}"
     http_runner = None
     if frontend.http_port is not None:
         http_host = frontend.http_host or host
@@ -113,7 +116,8 @@ async def serve(
             service, frontend.api_keys, reasoning_parser=parse_reasoning, is_serving=pool.has_decode_capacity
         )
         http_runner, http_bound = await start_http(api.make_app(), http_host, frontend.http_port)
-        ready["http_address"] = f"{http_host}:{http_bound}"
+        http_public = public if http_host in _WILDCARD_HOSTS or http_host == host else http_host
+        ready["http_address"] = f"{http_public}:{http_bound}"
     if not frontend.api_keys.enabled and {host, frontend.http_host or host} - set(_LOOPBACK_HOSTS):
         log.warning("serving beyond loopback without an API key (set --api-key-file or %s)", API_KEY_ENV)
     print("READY " + json.dumps(ready), file=ready_out, flush=True)
@@ -149,6 +153,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         help="'embedded' (served on this router's gRPC port; workers use grpc://ROUTER) or redis://host:port",
     )
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the address clients and workers dial, when --host binds every interface (0.0.0.0)",
+    )
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=16)
@@ -227,7 +236,10 @@ def run(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         log_json=args.log_format == "json",
+        advertise_host=args.advertise_host,
     )
+    if args.host in _WILDCARD_HOSTS and not args.advertise_host:
+        raise SystemExit(f"--host {args.host!r} binds every interface: set --advertise-host to an address others dial")
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     asyncio.run(serve(config, workers, args.host, args.port, registry_url=args.registry, frontend=frontend))
     return 0

@@ -96,3 +96,14 @@ def test_the_python_clients_send_their_api_key():
     ok, refused, sync_text = asyncio.run(scenario())
     assert ok == sync_text == "hi"
     assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_router_binding_every_interface_must_be_told_its_address():
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "router", "--host", "0.0.0.0", "--port", "0", "--http-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "binds every interface: set --advertise-host" in out.stderr
