@@ -10,8 +10,10 @@ the layout follows the engine's needs:
   `w2 [E, H, I]`, the layout `fused_moe_ref` and the Triton kernel take;
 * the router weight and `e_score_correction_bias` stay float32 whatever the model dtype
   (transformers keeps them in fp32 too);
-* attention, KV writes, routing and the expert computation are called through one function
-  attribute each (`ModelBackends`), so kernels can be swapped in without touching this file;
+* the norms (with the residual add fused in: `hidden, residual = norm(hidden, residual)`), RoPE
+  with the KV write, attention, routing and the expert computation are called through one
+  function attribute each (`ModelBackends`), so kernels can be swapped in without touching this
+  file;
 * under expert parallelism each MoE layer's whole output comes from one `MoECombine` function
   (`SparseMoE.combine`, set by `engine.parallel.ExpertParallel.attach`), which moves tokens to the
   ranks that hold their experts and sums the partial results; this file knows no process group.
@@ -45,14 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.attention import AttentionMetadata, paged_attention_ref, write_kv
+from engine.attention import AttentionMetadata, paged_attention_ref
 from engine.config import ModelConfig
 from engine.kernels.fused_moe_ref import fused_moe_ref, route_ref
+from engine.kernels.norm_rope_ref import fused_add_rms_norm_ref, rope_and_write_kv_ref
 
 RouteFn = Callable[..., tuple[Tensor, Tensor]]  # route_ref's signature
 ExpertsFn = Callable[..., Tensor]  # fused_moe_ref's signature; expert_offset is passed by keyword
 AttentionFn = Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]  # paged_attention_ref's
-WriteKVFn = Callable[[Tensor, Tensor, Tensor, Tensor], None]  # write_kv's
+# (x, residual | None, weight, eps) -> (normed, x + residual): fused_add_rms_norm_ref's
+NormFn = Callable[[Tensor, Tensor | None, Tensor, float], tuple[Tensor, Tensor]]
+RopeWriteKVFn = Callable[..., Tensor]  # rope_and_write_kv_ref's signature
 # (moe, x [T, H]) -> the whole MoE layer's output [T, H] for x's tokens, summed over every rank's experts
 MoECombine = Callable[["SparseMoE", Tensor], Tensor]
 
@@ -64,7 +69,8 @@ class ModelBackends:
     route: RouteFn = route_ref
     experts: ExpertsFn = fused_moe_ref
     attention: AttentionFn = paged_attention_ref
-    write_kv: WriteKVFn = write_kv
+    norm: NormFn = fused_add_rms_norm_ref
+    rope_write_kv: RopeWriteKVFn = rope_and_write_kv_ref
 
 
 def _empty(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -84,17 +90,21 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, cast back, then scaled: `weight * (x / rms(x)).to(x.dtype)`."""
+    """RMSNorm computed in fp32, cast back, then scaled: `weight * (x / rms(x)).to(x.dtype)`;
+    `norm_fn` (a `ModelBackends.norm`) computes it, with a residual add fused in front."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, norm_fn: NormFn = fused_add_rms_norm_ref) -> None:
         super().__init__()
         self.weight = _empty(hidden_size)
         self.eps = eps
+        self.norm_fn = norm_fn
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.norm_fn(x, None, self.weight, self.eps)[0]
+
+    def add_and_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(norm(x + residual), x + residual); with residual None, (norm(x), x)."""
+        return self.norm_fn(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
@@ -108,17 +118,6 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
     return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
 
-def apply_interleaved_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """GPT-J style RoPE on x [T, heads, D]: the pair (2j, 2j+1) rotates by angle j (`rope_cos_sin`).
-
-    Computed in fp32 and cast back to x's dtype, like transformers' `apply_rotary_pos_emb`.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
 class Attention(nn.Module):
     """GQA self-attention over the paged cache: project, rotate, write K/V, attend, project out."""
 
@@ -129,18 +128,24 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, config.use_bias)
         self.o_proj = Linear(q_size, config.hidden_size, config.use_bias)
         self.attention_fn = backends.attention
-        self.write_kv_fn = backends.write_kv
+        self.rope_write_kv_fn = backends.rope_write_kv
 
     def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = apply_interleaved_rope(q.unflatten(-1, (self.num_heads, self.head_dim)), *rope)
-        k = apply_interleaved_rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), *rope)
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        self.write_kv_fn(kv_layer, k, v, meta.slot_mapping)
+        """rope: the step's fp32 (cos, sin) [T, 1, D/2] (`rope_cos_sin`)."""
+        cos, sin = rope
+        q = self.rope_write_kv_fn(
+            self.qkv_proj(hidden),
+            cos,
+            sin,
+            kv_layer,
+            meta.slot_mapping,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         out = self.attention_fn(q, kv_layer, meta, self.scale)
         return self.o_proj(out.flatten(-2))
 
@@ -228,7 +233,9 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`."""
+    """Pre-norm block: `h += attn(norm(h)); h += mlp(norm(h))`, with each residual add fused into
+    the norm after it: a layer takes (the previous layer's mlp output, the residual before it) and
+    returns the same pair, so its first norm adds them (the first layer gets residual None)."""
 
     def __init__(
         self, config: ModelConfig, layer_idx: int, backends: ModelBackends, expert_range: tuple[int, int] | None
@@ -236,8 +243,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, backends)
         self.mlp = self.make_mlp(config, layer_idx, backends, expert_range)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backends.norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backends.norm)
 
     def make_mlp(
         self, config: ModelConfig, layer_idx: int, backends: ModelBackends, expert_range: tuple[int, int] | None
@@ -248,9 +255,25 @@ class DecoderLayer(nn.Module):
             return SparseMoE(config, backends, expert_range)
         return MLP(config.hidden_size, config.intermediate_size, config.use_bias)
 
-    def forward(self, hidden: Tensor, meta: AttentionMetadata, kv_layer: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer, rope)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self,
+        hidden: Tensor,
+        residual: Tensor | None,
+        meta: AttentionMetadata,
+        kv_layer: Tensor,
+        rope: tuple[Tensor, Tensor],
+        *feed_forward_args: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """(mlp output, residual) -> (this layer's mlp output, the residual it was added to).
+        `feed_forward_args` go to `feed_forward` (the VL layer's vision mask)."""
+        normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attn_out = self.self_attn(normed, meta, kv_layer, rope)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.feed_forward(normed, *feed_forward_args), residual
+
+    def feed_forward(self, normed: Tensor) -> Tensor:
+        """The feed-forward block on the post-attention-normed rows (a hook the VL model overrides)."""
+        return self.mlp(normed)
 
 
 class Ernie4_5_MoeModel(nn.Module):
@@ -267,15 +290,22 @@ class Ernie4_5_MoeModel(nn.Module):
         self.layers = nn.ModuleList(
             self.decoder_layer_cls(config, i, backends, expert_range) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backends.norm)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor) -> Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         rope = rope_cos_sin(meta.positions, self.inv_freq)
         for layer_idx, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, kv_cache[layer_idx], rope)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, meta, kv_cache[layer_idx], rope)
+        return self.norm.add_and_norm(hidden, residual)[0]
+
+    def norms(self) -> list[RMSNorm]:
+        """The decoder's RMSNorms (each layer's two, then the final one): what `ModelBackends.norm` runs."""
+        layer_norms = [
+            norm for layer in self.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)
+        ]
+        return [*layer_norms, self.norm]
 
 
 class LMHead(nn.Module):
@@ -360,7 +390,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         self.backends = backends
         for layer in self.model.layers:
             layer.self_attn.attention_fn = backends.attention
-            layer.self_attn.write_kv_fn = backends.write_kv
+            layer.self_attn.rope_write_kv_fn = backends.rope_write_kv
+        for norm in self.model.norms():
+            norm.norm_fn = backends.norm
         for moe in self.moe_layers():
             moe.route_fn = backends.route
             moe.experts_fn = backends.experts

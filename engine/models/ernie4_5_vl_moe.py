@@ -14,8 +14,8 @@ the text model, and nothing else:
   j even), w position (j < h + w, j odd) or t position (j >= h + w) for `mrope_section = (h, w, t)`.
   transformers pre-permutes its inverse frequencies and recomposes cos / sin so that pair j keeps
   frequency `inv_freq[j]`; only the position each pair reads changes. So the interleaved rotation
-  of the text model is reused unchanged, and a text token (equal positions on all axes) rotates
-  exactly as in the text model;
+  of the text model (its RoPE + KV-write backend too) is reused unchanged on these cos / sin
+  tables, and a text token (equal positions on all axes) rotates exactly as in the text model;
 * MoE layers with two routed pools (`MultiModalMoE`): text experts and vision experts, each a
   `SparseMoE` with its own gate and correction bias (so both run the same routing and fused-expert
   backends); a token goes to the vision pool when it is an image / video placeholder or a start /
@@ -147,19 +147,10 @@ class VLDecoderLayer(DecoderLayer):
             return MultiModalMoE(config, backends, expert_range)
         return super().make_mlp(config, layer_idx, backends, expert_range)
 
-    def forward(
-        self,
-        hidden: Tensor,
-        meta: AttentionMetadata,
-        kv_layer: Tensor,
-        rope: tuple[Tensor, Tensor],
-        vision_mask: Tensor | None = None,
-    ) -> Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), meta, kv_layer, rope)
-        normed = self.post_attention_layernorm(hidden)
+    def feed_forward(self, normed: Tensor, vision_mask: Tensor | None = None) -> Tensor:
         if isinstance(self.mlp, MultiModalMoE):
-            return hidden + self.mlp(normed, vision_mask)
-        return hidden + self.mlp(normed)
+            return self.mlp(normed, vision_mask)
+        return self.mlp(normed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,15 +333,15 @@ class Ernie4_5_VLMoeModel(Ernie4_5_MoeModel):
     def forward(
         self, input_ids: Tensor, meta: AttentionMetadata, kv_cache: Tensor, mm: MultiModalBatch | None = None
     ) -> Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         if mm is None:
             rope, vision_mask = rope_cos_sin(meta.positions, self.inv_freq), None
         else:
             hidden = hidden.index_copy(0, mm.image_rows, mm.image_embeds.to(hidden.dtype))
             rope, vision_mask = mrope_cos_sin(mm.positions, self.inv_freq, self.rope_pair_axes), mm.vision_mask
         for layer_idx, layer in enumerate(self.layers):
-            hidden = layer(hidden, meta, kv_cache[layer_idx], rope, vision_mask)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, meta, kv_cache[layer_idx], rope, vision_mask)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
 
 class Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_MoeForCausalLM):

@@ -1,4 +1,4 @@
-"""The engine runs the Triton MoE kernels where asked (by default on CUDA) with the same tokens."""
+"""The engine runs the Triton kernels where asked (by default on CUDA) with the same tokens."""
 
 from __future__ import annotations
 
@@ -14,15 +14,27 @@ from engine.backends import model_backends
 from engine.kernels.fused_moe_ref import fused_moe_ref, route_ref
 
 PROMPTS = [[5, 9, 13, 17, 21], [40, 41, 42]]
+LOGPROB_TOLERANCE = 1e-5  # fp32; the kernels sum in other orders than torch (seen: 5e-7)
 
+# Greedy tokens and their top-5 log-probabilities (the tiny presets' random weights often repeat
+# the last prompt token, so the tokens alone would prove little) for each preset and backend.
+# tiny-vl brings an image: its prefill rotates with the 3D RoPE tables, its decode with the text ones.
 _RUN = """
 import json, sys
 from engine import LLM, SamplingParams
-params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+from tests.helpers.hf_vl_models import IMAGE_END, IMAGE_START, IMAGE_TOKEN, png
+params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+prompts = json.loads(sys.argv[1])
+image_prompt = {"prompt_token_ids": [1, 5, 6, IMAGE_START, IMAGE_TOKEN, IMAGE_END, 7, 8], "images": [png(56, 84)]}
 out = {}
-for backend in ("torch", "triton"):
-    llm = LLM(model="tiny", moe_backend=backend, max_model_len=256, num_kv_blocks=32)
-    out[backend] = [list(o.token_ids) for o in llm.generate(json.loads(sys.argv[1]), params)]
+for preset, requests in (("tiny", prompts), ("tiny-vl", [image_prompt, *prompts])):
+    for backend in ("torch", "triton"):
+        llm = LLM(model=preset, moe_backend=backend, max_model_len=256, num_kv_blocks=32)
+        outputs = llm.generate(requests, params)
+        out[f"{preset}/{backend}"] = [
+            {"tokens": list(o.token_ids), "top": [[[i, lp] for i, lp in step.top] for step in o.logprobs]}
+            for o in outputs
+        ]
 print(json.dumps(out))
 """
 
@@ -35,7 +47,8 @@ def test_auto_picks_the_references_on_cpu_and_rejects_unknown_names():
 
 
 def test_engine_with_the_triton_kernels_matches_the_reference_on_cpu_interpreter():
-    """fp32 under TRITON_INTERPRET=1 (set before triton loads: a subprocess), greedy tokens equal."""
+    """fp32 under TRITON_INTERPRET=1 (set before triton loads: a subprocess): tiny and tiny-vl (with
+    an image) give the same greedy tokens and top-5 log-probabilities as the torch references."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", _RUN, json.dumps(PROMPTS)],
@@ -45,9 +58,16 @@ def test_engine_with_the_triton_kernels_matches_the_reference_on_cpu_interpreter
         timeout=600,
         check=True,
     )
-    tokens = json.loads(result.stdout.strip().splitlines()[-1])
-    assert tokens["triton"] == tokens["torch"]
-    assert all(len(t) == 6 for t in tokens["torch"])
+    runs = json.loads(result.stdout.strip().splitlines()[-1])
+    for preset in ("tiny", "tiny-vl"):
+        want, got = runs[f"{preset}/torch"], runs[f"{preset}/triton"]
+        assert [o["tokens"] for o in got] == [o["tokens"] for o in want], preset
+        assert all(len(o["tokens"]) == 6 for o in want)
+        for got_output, want_output in zip(got, want, strict=True):
+            for got_step, want_step in zip(got_output["top"], want_output["top"], strict=True):
+                assert [i for i, _ in got_step] == [i for i, _ in want_step], (preset, got_step, want_step)
+                errors = [abs(a - b) for (_, a), (_, b) in zip(got_step, want_step, strict=True)]
+                assert max(errors) <= LOGPROB_TOLERANCE, (preset, got_step, want_step)
 
 
 @pytest.mark.gpu
