@@ -23,8 +23,8 @@ run() {  # run NAME SECONDS CMD...: output to $OUT/NAME.log, its tail to the con
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
   echo "commit $COMMIT"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-# The paged-attention kernel, the Triton backends end to end, CUDA-graph decode.
-run gpu_engine 120 python3 -m pytest -m gpu tests/engine/kernels/test_paged_attention.py tests/engine/test_cuda_graph.py tests/engine/test_backends.py -q -rfEs -p no:cacheprovider
+# The paged-attention and norm / RoPE kernels, the Triton backends end to end, CUDA-graph decode (text and VL).
+run gpu_engine 150 python3 -m pytest -m gpu tests/engine/kernels/test_paged_attention.py tests/engine/kernels/test_norm_rope.py tests/engine/test_cuda_graph.py tests/engine/test_backends.py tests/engine/test_vl_engine.py -q -rfEs -p no:cacheprovider
 # Decode step vs its floor and prefill throughput, ernie-4.5-21b-a3b (random weights), one engine.
 run bench_engine 165 python3 -m load_tests.bench_engine all --out "$OUT" --git-commit "$COMMIT" \
   --batches 1,8,64,256 --contexts 1024,8192 --prompts 1024,8192,32768 --steps 10
