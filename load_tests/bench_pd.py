@@ -122,7 +122,9 @@ PHASES = (
 )
 
 
-def _planner_thread(registry_url: str, config: PlannerConfig, stop: threading.Event, planner: Planner):
+def _planner_thread(registry_url: str, stop: threading.Event, planner: Planner) -> threading.Thread:
+    """Run `planner` against the cluster's registry on a thread of its own until `stop` is set."""
+
     async def main() -> None:
         registry = make_registry(registry_url)
         task = asyncio.create_task(planner.run(registry))
@@ -149,7 +151,7 @@ def run_shift(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         planner = Planner(PlannerConfig(window_s=1.0, sustain_windows=2, cooldown_s=args.phase_seconds / 4))
         stop = threading.Event()
         with LocalCluster(spec) as cluster:
-            thread = _planner_thread(cluster.registry_url, planner.config, stop, planner) if dynamic else None
+            thread = _planner_thread(cluster.registry_url, stop, planner) if dynamic else None
             phases = []
             try:
                 for phase, input_len, output_len in PHASES:
