@@ -182,7 +182,11 @@ class TransportConfig:
     expect_timeout_s: float = 120.0
     stream_timeout_s: float = 120.0
     connect_timeout_s: float = 10.0  # building a pair's process group (both sides must show up)
-    chunk_bytes: int = 64 << 20  # payload per send; a layer is never split
+    chunk_bytes: int = 64 << 20  # payload per send of a whole-prompt transfer; a layer is never split
+    # A layer-wise stream sends at most this many layers per chunk, so the part left to send
+    # after the prefill's last layer is small (the chunk is also capped by `chunk_bytes`).
+    stream_chunk_layers: int = 2
+    staging_depth: int = 4  # staging buffers per pair and side: chunks in flight at once (>= 2)
     watchdog_interval_s: float = 0.02
     comm_timeout_s: float = 3600.0  # c10d's own watchdog; ours fires long before (it would kill the process)
 
@@ -201,6 +205,12 @@ class TransportConfig:
                 raise ValueError(f"TransportConfig.{name} must be positive, got {value!r}")
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes <= 0:
             raise ValueError(f"TransportConfig.chunk_bytes must be a positive integer, got {self.chunk_bytes!r}")
+        if not isinstance(self.stream_chunk_layers, int) or self.stream_chunk_layers <= 0:
+            raise ValueError(
+                f"TransportConfig.stream_chunk_layers must be a positive integer, got {self.stream_chunk_layers!r}"
+            )
+        if not isinstance(self.staging_depth, int) or self.staging_depth < 2:
+            raise ValueError(f"TransportConfig.staging_depth must be an integer >= 2, got {self.staging_depth!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"TransportConfig.port must be in [0, 65536), got {self.port}")
 

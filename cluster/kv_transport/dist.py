@@ -89,6 +89,15 @@ class DistTransport(KVTransport):
 
     # ------------------------------------------------------------------ sending
     def open_send(self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int) -> SendStream:
+        return self._open_send(peer, transfer_id, block_ids, num_tokens, whole=False)
+
+    def send(self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int) -> TransferFuture:
+        # Whole: the pair may cut it into big chunks (a stream is cut small, see pairs.py).
+        return self._open_send(peer, transfer_id, block_ids, num_tokens, whole=True).finish()
+
+    def _open_send(
+        self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int, whole: bool
+    ) -> _Stream:
         if not peer.host or peer.port <= 0:
             raise ValueError(f"cannot send to {peer.name}: no address (host {peer.host!r}, port {peer.port})")
         blocks = validate_blocks(self.spec, self._num_cache_blocks, block_ids, num_tokens)
@@ -104,6 +113,7 @@ class DistTransport(KVTransport):
             num_bytes,
             deadline,
             self._final,
+            whole=whole,
         )
         with self._lock:
             self._admit(transfer)

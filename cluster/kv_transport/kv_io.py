@@ -31,12 +31,16 @@ def kv_rows(kv: torch.Tensor) -> torch.Tensor:
     return flat.view(word)
 
 
-def plan_chunks(num_layers: int, bytes_per_layer: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """Split layers into contiguous groups of about `chunk_bytes` each (at least one layer each).
+def plan_chunks(
+    num_layers: int, bytes_per_layer: int, chunk_bytes: int, max_layers: int | None = None
+) -> list[tuple[int, int]]:
+    """Split layers into contiguous groups of about `chunk_bytes` (and at most `max_layers`) each.
 
-    Groups are as even as possible, e.g. 28 layers in 3 groups -> 10, 9, 9.
+    At least one layer each; groups are as even as possible, e.g. 28 layers in 3 groups -> 10, 9, 9.
     """
     per_chunk = max(1, chunk_bytes // max(1, bytes_per_layer))
+    if max_layers is not None:
+        per_chunk = min(per_chunk, max(1, max_layers))
     num_chunks = -(-num_layers // per_chunk)
     base, extra = divmod(num_layers, num_chunks)
     chunks, start = [], 0
@@ -70,19 +74,21 @@ def scatter(rows: torch.Tensor, layers: tuple[int, int], block_index: torch.Tens
 
 
 class StagingBuffers:
-    """Two reusable flat buffers per pair (double buffering), grown on demand, never shrunk.
+    """`depth` reusable flat buffers per pair (chunk k uses buffer k % depth), grown on demand, never shrunk.
 
     Grow only between transfers (no communication in flight reads them).
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, depth: int = 2) -> None:
         self.dtype = dtype
         self.device = device
+        self.depth = depth
         self._buffers: list[torch.Tensor] = []
 
     def reserve(self, num_words: int) -> list[torch.Tensor]:
         if not self._buffers or self._buffers[0].numel() < num_words:
-            self._buffers = [torch.empty(num_words, dtype=self.dtype, device=self.device) for _ in range(2)]
+            self._buffers = []  # free the old ones before allocating their successors
+            self._buffers = [torch.empty(num_words, dtype=self.dtype, device=self.device) for _ in range(self.depth)]
         return self._buffers
 
     @property

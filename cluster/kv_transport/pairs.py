@@ -1,14 +1,21 @@
 """Per-pair worker threads: `SendPair` (this worker sends to a peer) and `RecvPair` (receives from one).
 
 A pair owns one peer incarnation, one thread, at most one live process-group generation, its
-own store connections, double-buffered staging and (on GPU) its own transfer stream. Nothing is
+own store connections, `config.staging_depth` staging buffers and (on GPU) its own transfer stream. Nothing is
 shared between pairs, so one pair's failure cannot stall another. The wire protocol is in
 `protocol.py`; the transfer state machine in `transfer.py`.
 
-Pipelining (both sides, two staging buffers, chunk i uses buffer i % 2):
+Pipelining (both sides, depth K = `config.staging_depth` staging buffers, chunk i uses buffer
+i % K; shown for K = 2):
 
     sender   gather0 send0 | gather1 send1 | [send0 done] gather2 send2 | ...
     receiver recv0 recv1   | [recv0 done] scatter0 recv2 | [recv1 done] scatter1 recv3 | ...
+
+With K buffers the receiver has K receives posted before the first byte arrives, and the sender
+gathers K chunks ahead, so the wire never waits for a host round trip while K > 2 chunks remain.
+Chunks: a whole-prompt transfer is cut into `config.chunk_bytes` pieces; a layer-wise stream
+into at most `config.stream_chunk_layers` layers, so little is left to send when the prefill's
+last layer is done.
 
 On GPU every step is enqueued on the pair's stream (c10d runs NCCL on its own stream, ordered
 after ours at each call), so gathers and scatters overlap the wire. The `[... done]` steps are
@@ -115,7 +122,8 @@ class Pair(abc.ABC):
     def _main(self) -> None:
         try:
             self.host.ops.thread_setup()
-            self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device)
+            depth = self.host.config.staging_depth
+            self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device, depth)
             self._run()
         except Exception as exc:  # a bug here must not kill the worker: fail this pair's transfers
             log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)
@@ -161,9 +169,11 @@ class Pair(abc.ABC):
         """The generation's rendezvous namespace, on a connection of its own (c10d may use it from its threads)."""
         return dist.PrefixStore(f"{prefix}/{group_prefix(gen)}", store.clone())
 
-    def _chunks(self, num_blocks: int) -> list[tuple[int, int]]:
+    def _chunks(self, num_blocks: int, whole: bool) -> list[tuple[int, int]]:
+        config = self.host.config
         bytes_per_layer = num_blocks * self.host.spec.bytes_per_block_layer
-        return kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, self.host.config.chunk_bytes)
+        max_layers = None if whole else config.stream_chunk_layers
+        return kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, config.chunk_bytes, max_layers)
 
     def _buffers(self, chunks: list[tuple[int, int]], num_blocks: int) -> list[torch.Tensor]:
         assert self._staging is not None
@@ -171,7 +181,7 @@ class Pair(abc.ABC):
         return self._staging.reserve(words)
 
     def _view(self, buffers: list[torch.Tensor], index: int, chunk: tuple[int, int], num_blocks: int) -> torch.Tensor:
-        return kv_io.staging_view(buffers[index % 2], self.host.rows, chunk, num_blocks)
+        return kv_io.staging_view(buffers[index % len(buffers)], self.host.rows, chunk, num_blocks)
 
 
 def abort_group_async(ops: CommOps, group: Any) -> None:
@@ -209,8 +219,8 @@ class SendPair(Pair):
         self._queue: deque[Transfer] = deque()
         self._current: Transfer | None = None
         self._inflight: deque[tuple[Transfer, list[_Posted]]] = deque()  # all sent, not yet seen complete
-        self._num_posted = 0  # chunks posted on this group: chunk k goes out of staging buffer k % 2
-        self._last_post: list[_Posted | None] = [None, None]
+        self._num_posted = 0  # chunks posted on this group: chunk k goes out of staging buffer k % depth
+        self._last_post: list[_Posted | None] = [None] * host.config.staging_depth
         self._store: dist.Store | None = None
         self._last_use = 0.0
         self.mismatch: str | None = None  # handshake failed: every transfer fails at once
@@ -378,7 +388,7 @@ class SendPair(Pair):
             ) from exc
         probe = torch.tensor([PROBE_MAGIC, gen], dtype=torch.int64, device=self.host.rows.device)
         self.group, self.seq = group, 0
-        self._num_posted, self._last_post = 0, [None, None]
+        self._num_posted, self._last_post = 0, [None] * len(self._last_post)
         self.host.note_group(built=True)
         self.host.ops.wait(self.host.ops.send(group, probe, 0), deadline, self._is_dead)
         self._last_use = time.monotonic()
@@ -389,7 +399,7 @@ class SendPair(Pair):
         """Post every chunk of `transfer` (gathering each as its layers are ready); `_reap` completes it."""
         ops, rows, group = self.host.ops, self.host.rows, self.group
         num_blocks = len(transfer.block_ids)
-        chunks = self._chunks(num_blocks)
+        chunks = self._chunks(num_blocks, transfer.whole)
         if not transfer.activate():
             return  # cancelled or expired while queued
         with transfer.lock:
@@ -416,7 +426,7 @@ class SendPair(Pair):
         all_gathered = True
         for i, chunk in enumerate(chunks):
             events = self._wait_layers(transfer, chunk)
-            slot = self._num_posted % 2
+            slot = self._num_posted % len(self._last_post)
             view = kv_io.staging_view(buffers[slot], rows, chunk, num_blocks)
             previous = self._last_post[slot]
             if previous is not None and not previous.done:  # host-confirmed: no gather waits on the wire
@@ -455,7 +465,7 @@ class SendPair(Pair):
         words = max(kv_io.chunk_words(self.host.rows, c, num_blocks) for c in chunks)
         if self._staging.num_words < words:
             self._reap(block=True)  # nothing in flight may still read the buffers being replaced
-            self._last_post = [None, None]
+            self._last_post = [None] * len(self._last_post)
         return self._staging.reserve(words)
 
     def _push(self, message: Message) -> None:
@@ -643,8 +653,9 @@ class RecvPair(Pair):
                 transfer.abort_group = lambda: abort_group_async(ops, group)
         buffers = self._buffers(chunks, num_blocks)
         tag = 1 + header.seq % _TAG_LIMIT
+        depth = len(buffers)
         works: dict[int, Any] = {}
-        for i in range(min(2, len(chunks))):  # first, so the sender is never kept waiting
+        for i in range(min(depth, len(chunks))):  # first, so the sender is never kept waiting
             works[i] = ops.recv(group, self._view(buffers, i, chunks[i], num_blocks), tag)
         index = ops.index_tensor(transfer.block_ids) if transfer is not None else None
         end_ok = True
@@ -659,8 +670,8 @@ class RecvPair(Pair):
                         kv_io.scatter(rows, chunk, index, self._view(buffers, i, chunk, num_blocks))
                         transfer.last_event = ops.record()
                 transfer.future.num_layers_done = chunk[1]
-            if i + 2 < len(chunks):
-                works[i + 2] = ops.recv(group, self._view(buffers, i + 2, chunks[i + 2], num_blocks), tag)
+            if i + depth < len(chunks):
+                works[i + depth] = ops.recv(group, self._view(buffers, i + depth, chunks[i + depth], num_blocks), tag)
         if transfer is None:
             return
         if not end_ok:

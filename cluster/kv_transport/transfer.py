@@ -53,6 +53,7 @@ class Transfer:
         deadline: float,
         on_final: Callable[[Transfer, FailureReason | None], None],
         poll: Callable[[], None] | None = None,
+        whole: bool = False,
     ) -> None:
         self.direction = direction
         self.transfer_id = transfer_id
@@ -62,6 +63,7 @@ class Transfer:
         self.num_layers = num_layers
         self.num_bytes = num_bytes
         self.deadline = deadline
+        self.whole = whole  # sender: every layer was written before the transfer was submitted
         self.lock = threading.Condition()
         self.state = State.QUEUED
         self.started_at = 0.0

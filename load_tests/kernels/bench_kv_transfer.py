@@ -9,6 +9,11 @@ prompt's blocks scattered at random over the pool on both sides. For each prompt
 
 - raw:        one contiguous `torch.distributed` send/recv (NCCL) of the transfer's size;
 - whole:      the transport moving the prompt: paged gather -> send -> scatter into paged blocks;
+- variants:   the same whole transfer through transports with other chunk sizes / staging
+              depths (`--variants`), to show where the defaults sit;
+- staged:     a diagnostic without the transport's machinery (no control messages, no pair
+              threads, no host confirmations): gather -> send -> scatter straight on the raw group,
+              in 1 and in 4 pipelined chunks. It bounds what paged staging costs on this link;
 - layer-wise: the sender "computes" each layer (a spin kernel on the compute stream lasting the
               simulated per-layer prefill time) and marks it ready as it goes; reported is how long
               after the last layer's compute ends the last layer's KV has landed in the receiver's
@@ -45,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.kv_transport import PeerRef, TransportConfig, make_transport
+from cluster.kv_transport import PeerRef, TransportConfig, kv_io, make_transport
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GPU_TOKENS = [128, 512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -89,17 +94,26 @@ class Rank:
         self.bytes_per_block = args.layers * 2 * self.block_size * args.kv_heads * args.head_dim * 2
         self.raw = torch.zeros(max_blocks * self.bytes_per_block, dtype=torch.uint8, device=self.device)
         self.gen = gen
+        self.rows = kv_io.kv_rows(self.kv)
+        self.stage = torch.empty(max_blocks * self.bytes_per_block // 8, dtype=torch.int64, device=self.device)
         self.cycles_per_s = self._calibrate() if self.cuda else 0.0
         self._warm_raw()
-        local = PeerRef(f"bench-{rank}", f"inc-{rank}")
-        config = TransportConfig(deadline_base_s=30.0, connect_timeout_s=60.0, expect_timeout_s=120.0)
-        self.transport = make_transport(
-            "nccl" if self.cuda else "gloo", kv=self.kv, local=local, model_hash="bench", config=config
-        )
-        me = self.transport.local
-        self.store.set(f"peer/{rank}", json.dumps([me.worker_id, me.incarnation, me.host, me.port]))
-        other = json.loads(self.store.get(f"peer/{1 - rank}"))
-        self.peer = PeerRef(*other)
+        # The default transport first, then one per variant (chunk MiB, staging depth).
+        self.variants = [None, *args.variants]
+        self.transports, self.peers = [], []
+        for index, variant in enumerate(self.variants):
+            local = PeerRef(f"bench-{rank}-v{index}", f"inc-{rank}")
+            knobs = {} if variant is None else {"chunk_bytes": variant[0] << 20, "staging_depth": variant[1]}
+            config = TransportConfig(deadline_base_s=30.0, connect_timeout_s=60.0, expect_timeout_s=120.0, **knobs)
+            transport = make_transport(
+                "nccl" if self.cuda else "gloo", kv=self.kv, local=local, model_hash="bench", config=config
+            )
+            me = transport.local
+            self.store.set(f"peer/{rank}/{index}", json.dumps([me.worker_id, me.incarnation, me.host, me.port]))
+            self.transports.append(transport)
+        for index in range(len(self.variants)):
+            self.peers.append(PeerRef(*json.loads(self.store.get(f"peer/{1 - rank}/{index}"))))
+        self.transport, self.peer = self.transports[0], self.peers[0]
 
     # ------------------------------------------------------------------ helpers
     def sync(self) -> None:
@@ -146,20 +160,49 @@ class Rank:
         dist.isend(buffer, 1).wait()
         return self.wait_for(f"{step}/landed") - start
 
-    def receive(self, step: str, tokens: int, blocks: list[int]) -> None:
+    def receive(self, step: str, tokens: int, blocks: list[int], variant: int = 0) -> None:
         """Receiver side of a transport step: post first, say so, and stamp when the KV has landed."""
-        future = self.transport.expect(self.peer, step, blocks, tokens)
+        future = self.transports[variant].expect(self.peers[variant], step, blocks, tokens)
         self.signal(f"{step}/posted")
         future.result(timeout=120)
         self.signal(f"{step}/landed", time.monotonic())
 
-    def whole_once(self, step: str, tokens: int) -> float | None:
+    def whole_once(self, step: str, tokens: int, variant: int = 0) -> float | None:
         blocks = self.blocks(tokens)
         if self.rank == 1:
-            return self.receive(step, tokens, blocks)
+            return self.receive(step, tokens, blocks, variant)
         self.wait_for(f"{step}/posted")
         start = time.monotonic()
-        self.transport.send(self.peer, step, blocks, tokens).result(timeout=120)
+        self.transports[variant].send(self.peers[variant], step, blocks, tokens).result(timeout=120)
+        return self.wait_for(f"{step}/landed") - start
+
+    def staged_once(self, step: str, tokens: int, num_chunks: int) -> float | None:
+        """Diagnostic: gather -> send -> scatter on the raw group, every receive posted up front."""
+        blocks = self.blocks(tokens)
+        index = torch.tensor(blocks, device=self.device)
+        chunks = kv_io.plan_chunks(self.args.layers, 1, -(-self.args.layers // num_chunks))
+        views, offset = [], 0
+        for chunk in chunks:
+            size = kv_io.chunk_words(self.rows, chunk, len(blocks))
+            views.append(kv_io.staging_view(self.stage[offset : offset + size], self.rows, chunk, len(blocks)))
+            offset += size
+        if self.rank == 1:
+            works = [dist.irecv(view, 0) for view in views]
+            self.signal(f"{step}/posted")
+            for chunk, view, work in zip(chunks, views, works, strict=True):
+                work.wait()  # GPU: the current stream waits for the receive, the host does not
+                kv_io.scatter(self.rows, chunk, index, view)
+            self.sync()
+            self.signal(f"{step}/landed", time.monotonic())
+            return None
+        self.wait_for(f"{step}/posted")
+        start = time.monotonic()
+        works = []
+        for chunk, view in zip(chunks, views, strict=True):
+            kv_io.gather(self.rows, chunk, index, view)
+            works.append(dist.isend(view, 1))
+        for work in works:
+            work.wait()
         return self.wait_for(f"{step}/landed") - start
 
     def layerwise_once(self, step: str, tokens: int, layer_s: float) -> float | None:
@@ -196,10 +239,21 @@ def _rank_main(rank: int, args: argparse.Namespace, store_port: int, out: Any) -
                 me.whole_once(f"w{tokens}/whole{warm}", tokens)
             raw = [me.raw_once(f"{tokens}/raw{i}", num_bytes) for i in range(args.repeats)]
             whole = [me.whole_once(f"{tokens}/whole{i}", tokens) for i in range(args.repeats)]
+            variants = {}
+            for v, (mib, depth) in enumerate(args.variants, start=1):
+                me.whole_once(f"w{tokens}/v{v}", tokens, v)
+                times = [me.whole_once(f"{tokens}/v{v}/{i}", tokens, v) for i in range(args.repeats)]
+                variants[f"{mib}MiB x{depth}"] = times
+            staged = {}
+            for n in (1, 4):
+                me.staged_once(f"w{tokens}/s{n}", tokens, n)
+                staged[n] = [me.staged_once(f"{tokens}/s{n}/{i}", tokens, n) for i in range(args.repeats)]
             lands = [me.layerwise_once(f"{tokens}/lw{i}", tokens, layer_s) for i in range(args.layerwise_repeats)]
             if rank == 0:
                 row["raw_s"] = statistics.median(raw)
                 row["whole_s"] = statistics.median(whole)
+                row["variants_s"] = {name: statistics.median(times) for name, times in variants.items()}
+                row["staged_s"] = {str(n): statistics.median(times) for n, times in staged.items()}
                 row["layerwise_lands_after_s"] = statistics.median(lands)
         except Exception:
             row["error"] = traceback.format_exc(limit=3)
@@ -208,7 +262,8 @@ def _rank_main(rank: int, args: argparse.Namespace, store_port: int, out: Any) -
             print(f"  {tokens} tokens: {json.dumps(row)}", flush=True)
     if rank == 0:
         out.put(results)
-    me.transport.close()
+    for transport in me.transports:
+        transport.close()
     dist.destroy_process_group()
 
 
@@ -223,6 +278,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[s
         "commit": args.git_commit or _git_commit(),
         "shape": {"layers": args.layers, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": "bfloat16"},
         "block_size": args.block_size,
+        "transport_defaults": {
+            "chunk_mib": TransportConfig().chunk_bytes >> 20,
+            "staging_depth": TransportConfig().staging_depth,
+            "stream_chunk_layers": TransportConfig().stream_chunk_layers,
+        },
         "repeats": args.repeats,
         "simulated_tflops": args.tflops,
     }
@@ -250,6 +310,25 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[s
             f"{row['layer_compute_ms']:.3f} | {row['layerwise_lands_after_s'] * 1e3:.3f} | "
             f"{row['lands_after_layers']:.2f} |"
         )
+        row["variants_over_raw"] = {k: row["raw_s"] / v for k, v in row.get("variants_s", {}).items()}
+        row["staged_over_raw"] = {k: row["raw_s"] / v for k, v in row.get("staged_s", {}).items()}
+    defaults = meta["transport_defaults"]
+    names = list(dict.fromkeys(k for r in rows for k in r.get("variants_over_raw", {})))
+    extra = [
+        "",
+        f"Whole transfers as a fraction of raw, by transport chunk size x staging depth (the table above: the "
+        f"defaults, {defaults['chunk_mib']} MiB x {defaults['staging_depth']}), and the staged diagnostic "
+        "(gather -> send -> scatter on the raw group, no transport machinery) in 1 and 4 chunks:",
+        "",
+        "| tokens | " + " | ".join(names) + " | staged 1 | staged 4 |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    for row in rows:
+        if "error" in row:
+            continue
+        cells = [f"{row['variants_over_raw'].get(k, float('nan')):.2f}" for k in names]
+        staged = [f"{row['staged_over_raw'].get(k, float('nan')):.2f}" for k in ("1", "4")]
+        extra.append(f"| {row['tokens']} | " + " | ".join(cells + staged) + " |")
     ok_rows = [r for r in rows if "error" not in r]
     whole_ok = [r for r in ok_rows if r["tokens"] >= 4096]
     lw_ok = [r for r in ok_rows if r["tokens"] >= 1024]
@@ -264,6 +343,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[s
         f"- layer-wise lands within one layer's compute for T >= 1024: "
         f"{'PASS' if lw_ok and all(r['lands_after_layers'] <= 1.0 for r in lw_ok) else 'FAIL'}",
         f"- prompt lengths that errored: {len(rows) - len(ok_rows)}",
+        *extra,
     ]
     return {"meta": meta, "rows": rows}, "\n".join(lines) + "\n"
 
@@ -287,10 +367,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tflops", type=float, default=400.0, help="simulated prefill rate")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layerwise-repeats", type=int, default=3)
+    parser.add_argument(
+        "--variants",
+        default="64:2,16:4,256:4,1024:2",
+        help="other transports to time: chunk MiB:staging depth, comma-separated",
+    )
     parser.add_argument("--git-commit", default=None)
     args = parser.parse_args(argv)
     default = GPU_TOKENS if args.device == "cuda" else CPU_TOKENS
     args.tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else default
+    try:
+        args.variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+        if any(len(v) != 2 or v[0] <= 0 or v[1] < 2 for v in args.variants):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--variants wants MiB:depth pairs (MiB > 0, depth >= 2), got {args.variants!r}")
     if args.device == "cuda" and torch.cuda.device_count() < 2:
         print("needs two CUDA devices", file=sys.stderr)
         return 2

@@ -78,6 +78,20 @@ def test_chunk_plans_cover_every_layer_once_in_even_groups(layers, per_layer, bu
     assert max(sizes) * per_layer <= max(budget, per_layer)
 
 
+def test_a_stream_is_cut_into_at_most_max_layers_per_chunk():
+    assert kv_io.plan_chunks(28, 1, 10**9) == [(0, 28)]
+    assert kv_io.plan_chunks(28, 1, 10**9, max_layers=2) == [(i, i + 2) for i in range(0, 28, 2)]
+    assert kv_io.plan_chunks(5, 100, 250, max_layers=4) == [(0, 2), (2, 4), (4, 5)]  # bytes still cap it
+
+
+def test_staging_buffers_come_in_the_configured_depth_and_only_grow():
+    staging = kv_io.StagingBuffers(torch.int64, torch.device("cpu"), depth=3)
+    first = staging.reserve(10)
+    assert len(first) == 3 and all(b.numel() == 10 for b in first)
+    assert staging.reserve(4) is first and staging.num_words == 10
+    assert [b.numel() for b in staging.reserve(11)] == [11, 11, 11]
+
+
 # ---------------------------------------------------------------------------------- protocol and api
 SPEC = KVSpec("m", 4, 2, 8, 4, "bfloat16")
 
@@ -114,6 +128,10 @@ def test_config_and_inputs_are_validated_with_the_bad_value_named():
         TransportConfig(deadline_base_s=-1)
     with pytest.raises(ValueError, match="chunk_bytes"):
         TransportConfig(chunk_bytes=0)
+    with pytest.raises(ValueError, match=r"staging_depth.*1"):
+        TransportConfig(staging_depth=1)
+    with pytest.raises(ValueError, match="stream_chunk_layers"):
+        TransportConfig(stream_chunk_layers=0)
     assert TransportConfig(deadline_base_s=2, deadline_bandwidth=1e9).transfer_timeout_s(3 * 10**9) == 5
     with pytest.raises(ValueError, match="need 3 blocks"):
         validate_blocks(SPEC, 32, [1, 2], 9)
@@ -318,6 +336,44 @@ def test_a_sender_that_can_poll_completions_runs_ahead_and_stays_bit_exact(monke
         for _, _, blocks in plan:
             assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
         assert prefill.stats().num_sent == decode.stats().num_received == len(plan)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+@pytest.mark.parametrize("ops", [GlooOps, PollingGlooOps])
+def test_whole_sends_go_in_big_chunks_streams_in_small_ones_through_deep_staging(monkeypatch, ops):
+    """Three staging buffers, a transfer of more chunks than buffers, and a stream cut per layer."""
+    from cluster.kv_transport import pairs
+
+    headers = []
+    real_check = pairs.check_header
+    monkeypatch.setattr(pairs, "check_header", lambda header, spec: headers.append(header) or real_check(header, spec))
+    monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: ops(device, config))
+    # 256 bytes per block and layer: 8 blocks make 2 KiB a layer (2 layers a chunk), 32 blocks 8 KiB (1).
+    config = TransportConfig(chunk_bytes=4096, stream_chunk_layers=1, staging_depth=3, deadline_base_s=5.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    try:
+        plan = [("small", list(range(8)), 32), ("big", list(range(8, 40)), 128), ("stream", list(range(40, 48)), 30)]
+        received = [decode.expect(prefill.local, tid, blocks, n) for tid, blocks, n in plan]
+        sent = [prefill.send(decode.local, tid, [63 - b for b in blocks], n) for tid, blocks, n in plan[:2]]
+        tid, blocks, n = plan[2]
+        stream = prefill.open_send(decode.local, tid, [63 - b for b in blocks], n)
+        for layer in (2, 0, 3, 1):
+            stream.layer_ready(layer)
+        sent.append(stream.finish())
+        for future in sent + received:
+            future.result(10)
+        for _, blocks, _ in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+        chunks = {h.transfer_id: h.chunks for h in headers}
+        assert chunks == {
+            "small": ((0, 2), (2, 4)),
+            "big": ((0, 1), (1, 2), (2, 3), (3, 4)),
+            "stream": ((0, 1), (1, 2), (2, 3), (3, 4)),
+        }
     finally:
         prefill.close()
         decode.close()
