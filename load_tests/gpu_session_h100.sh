@@ -30,3 +30,5 @@ run bench_engine 165 python3 -m load_tests.bench_engine all --out "$OUT" --git-c
   --batches 1,8,64,256 --contexts 1024,8192 --prompts 1024,8192,32768 --steps 10
 # The decode-attention kernel alone (eager and graph) against the same run's gather + SDPA baseline.
 run bench_paged_attention 45 python3 -m load_tests.kernels.bench_paged_attention --out "$OUT" --git-commit "$COMMIT"
+# At most 8 files come back from $OUT: the logs travel as one archive beside the result files.
+(cd "$OUT" && tar czf logs.tgz ./*.log env.txt && rm -f ./*.log env.txt)

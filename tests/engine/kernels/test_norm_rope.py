@@ -32,8 +32,10 @@ TINY_HEADS = dict(num_q_heads=4, num_kv_heads=2, head_dim=16)  # the `tiny` pres
 ERNIE_21B_HEADS = dict(num_q_heads=20, num_kv_heads=4, head_dim=128)
 # The norm on arbitrary rows: its sum of squares and torch's, rounded in other orders, differ by a
 # few fp32 units in the last place (more for longer rows); rsqrt halves that, the casts and the
-# weight product round it again. In a 16-bit dtype it is at most one unit (seen: none on CPU).
-NORM_MAX_ULPS = {"float32": 8, "float16": 1, "bfloat16": 1}
+# weight product round it again. In a 16-bit dtype that flips the normalised value by at most one
+# unit, and the product with a weight above 1 can carry it to two (seen on the H100 at
+# 8192 x 2560 rows in fp16 and bf16; on the CPU interpreter's small shapes, at most one).
+NORM_MAX_ULPS = {"float32": 8, "float16": 2, "bfloat16": 2}
 
 
 @pytest.fixture(scope="module")
