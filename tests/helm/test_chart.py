@@ -5,7 +5,6 @@ arguments the pdserve CLI accepts), and that bad values fail with the schema's m
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from cluster.cli import build_parser
 from tests.helm.conftest import CHART, CI_VALUES, NAMESPACE, RELEASE, VARIANTS, Rendered, helm_template
 from tests.helm.crd_schemas import CRD_SCHEMAS
+from tests.helpers.tools import require_tool
 
 MONITORING_APIS = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
 KUBE_VERSIONS = ("1.27.0", "1.37.0")  # the chart's kubeVersion floor, and the newest schemas
@@ -461,9 +461,7 @@ def test_alerts_cover_ttft_transfers_workers_and_kv(render):
 
 
 def test_alert_rules_and_dashboard_queries_pass_promtool(render, tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian's prometheus package)")
+    promtool = require_tool("promtool", "promtool not installed (Debian's prometheus package)")
     import yaml
 
     rule = render("monitoring").get("PrometheusRule", "")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -13,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.registry import make_registry
 from router.client import Client
+from tests.helpers.tools import require_tool
 from tests.integration.conftest import start_cluster, wait_idle
 
 
@@ -113,8 +113,8 @@ def test_failed_transfer_is_counted_with_its_reason(cluster):
     assert failed - value(before, "pdserve_kv_transfer_failures_total", reason="handshake_mismatch") >= 1
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_every_workers_metrics(cluster):
+    require_tool("promtool", "promtool not installed (Debian package prometheus)")
     for worker in cluster.workers:
         if worker.popen.poll() is not None:
             continue
@@ -147,9 +147,9 @@ def test_router_metrics_and_request_log(cluster):
     assert value(after, "pdserve_router_inflight_requests") == 0
     logs = [line for line in cluster.router.tail if "status=OK" in line and "completion_tokens=5" in line]
     assert len(logs) >= 3 and all("prompt_tokens=" in line for line in logs)
-    if shutil.which("promtool"):
-        check = subprocess.run(["promtool", "check", "metrics"], input=after, capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
+    promtool = require_tool("promtool", "promtool not installed (Debian package prometheus)")
+    check = subprocess.run([promtool, "check", "metrics"], input=after, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_role_flip_shows_in_role_epoch_and_flip_counters(cluster):
