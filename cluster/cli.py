@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from protos.pdserve.v1 import generate_pb2
 
 
 def _positive_int(text: str) -> int:
@@ -35,7 +39,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt in the model's chat template (with --url, a thinking model's reasoning goes to stderr)",
+    )
     p.set_defaults(func=_run_generate)
 
 
@@ -78,15 +86,37 @@ def _run_remote_generate(args: argparse.Namespace) -> int:
         for prompt in args.prompts:
             message = [{"role": "user", "content": prompt}] if args.chat else prompt
             try:
-                finish = None
-                for chunk in client.stream(message, **sampling):
-                    print(chunk.text, end="", flush=True)
-                    finish = chunk.finish_reason or finish
-                print(f"\n[finish_reason: {FINISH_REASON_NAMES.get(finish, finish)}]")
+                finish = _print_stream(client.stream(message, **sampling))
+                print(f"[finish_reason: {FINISH_REASON_NAMES.get(finish, finish)}]")
             except grpc.RpcError as exc:
                 print(f"pdserve generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
     return 0
+
+
+def _print_stream(stream: Iterable[generate_pb2.GenerateResponse]) -> int | None:
+    """Print one streamed answer and return its finish reason. A chat with thinking streams its
+    reasoning first: it goes to stderr after a `[reasoning]` label (dimmed on a terminal), the
+    answer to stdout, so the reasoning shows even when the answer is empty and stdout stays the answer."""
+    finish, is_reasoning, has_reasoning, has_text = None, False, False, False
+    dim = sys.stderr.isatty()
+    for chunk in stream:
+        if chunk.reasoning_text:
+            label = "" if has_reasoning else "[reasoning] "
+            text = f"\033[2m{chunk.reasoning_text}\033[0m" if dim else chunk.reasoning_text
+            print(label + text, end="", file=sys.stderr, flush=True)
+            is_reasoning = has_reasoning = True
+        if chunk.text and is_reasoning:  # the answer starts on a line of its own
+            is_reasoning = False
+            print(file=sys.stderr, flush=True)
+        has_text = has_text or bool(chunk.text)
+        print(chunk.text, end="", flush=True)
+        finish = chunk.finish_reason or finish
+    if is_reasoning:
+        print(file=sys.stderr, flush=True)
+    if has_text:
+        print()
+    return finish
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
