@@ -71,6 +71,7 @@ class EngineLoop:
 
     # ----------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        self.engine.bind_device()  # this thread runs the model: its current device must be the engine's
         while not self._stop.is_set():
             busy = self._drain_calls()
             for poll in list(self.pollers):

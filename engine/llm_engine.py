@@ -77,6 +77,17 @@ class LLMEngine:
     (see engine.parallel).
     """
 
+    def bind_device(self) -> None:
+        """Make this engine's GPU the calling thread's current device (a no-op on CPU).
+
+        Call it on every thread that runs the model: CUDA's current device is per thread, and
+        Triton launches and CUDA-graph captures go to the current device, not the tensors' one
+        (a worker on `cuda:1` whose loop thread was left on `cuda:0` fails its captures).
+        """
+        device = torch.device(self.config.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+
     def __init__(
         self, config: EngineConfig, loaded: LoadedModel, expert_parallel: ExpertParallel | None = None
     ) -> None:
@@ -85,6 +96,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         model_cfg = loaded.config
         device = torch.device(config.device)
+        self.bind_device()
         loaded.model.set_backends(model_backends(config.moe_backend, device))
         dtype = next(loaded.model.parameters()).dtype
         num_blocks = plan_num_blocks(model_cfg, config.cache, dtype, device)
@@ -340,8 +352,10 @@ class LLMEngine:
         return self.block_manager.stats()
 
     def check_idle_invariants(self) -> None:
-        """An idle engine holds no blocks: free + cached == total, nothing used."""
+        """An idle engine holds no blocks: free + cached == total, nothing used. Requests the
+        scheduler no longer holds but `self.requests` does (WAITING_FOR_KV, SENDING_KV) own blocks
+        too: an engine with one of them is not idle."""
         self.block_manager.check_invariants()
         stats = self.block_manager.stats()
-        if not self.scheduler.has_work and stats.num_used != 0:
+        if not self.scheduler.has_work and not self.requests and stats.num_used != 0:
             raise RuntimeError(f"idle engine still holds {stats.num_used} KV blocks")
