@@ -1,4 +1,4 @@
-"""Control plane with real processes: forced role flips under load, a killed decode worker,
+"""Control plane with real processes: forced role flips under load, a killed prefill or decode worker,
 and a Redis restart — no request fails and every stream stays token-identical to one engine."""
 
 from __future__ import annotations
@@ -7,13 +7,17 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 
+import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.launcher import LocalCluster, Process
 from cluster.planner import set_role
 from cluster.registry import make_registry
 from engine import LLM, SamplingParams
-from protos.pdserve.v1 import common_pb2, worker_pb2
+from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.client import AsyncClient
 from tests.integration.conftest import load_reports, start_cluster, wait_idle
 
@@ -120,6 +124,89 @@ def test_killing_a_decode_worker_mid_stream_continues_every_stream_elsewhere(exp
         cluster.stop()
 
 
+KILL_LANES = 16  # concurrent request lanes in the prefill-kill test
+KILL_ROUNDS = 5  # requests per lane, back to back
+KILL_MAX_TOKENS = 8
+
+
+def unique_prompt(index: int) -> list[int]:
+    """A prompt no other request shares from its first token (prefix caching would skip a prefill)."""
+    length = 20 + (index * 29) % 90
+    return [5 + index] + [(index * 61 + j * 23) % 280 + 5 for j in range(1, length)]
+
+
+@pytest.fixture(scope="module")
+def expected_unique() -> list[list[int]]:
+    llm = LLM(model="tiny", max_model_len=1024)
+    prompts = [unique_prompt(i) for i in range(KILL_LANES * KILL_ROUNDS)]
+    params = SamplingParams(max_tokens=KILL_MAX_TOKENS, temperature=0, ignore_eos=True)
+    return [list(o.token_ids) for o in llm.generate(prompts, params)]
+
+
+def victim_is_busy(worker: Process) -> bool:
+    """The worker holds a request (queued, prefilling, or sending its KV) right now."""
+    with grpc.insecure_channel(worker.ready["grpc_address"]) as channel:
+        report = worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.LoadRequest(), timeout=5)
+    return bool(report.num_running_requests or report.num_waiting_requests or report.num_kv_blocks_used)
+
+
+def router_counter(cluster: LocalCluster, name: str) -> float:
+    url = f"http://{cluster.router.ready['metrics_address']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_killing_a_prefill_worker_under_load_completes_every_request(expected_unique):
+    """kill -9 of a prefill worker while 16 lanes of unique prompts run: every request finishes
+    token-identical to the offline engine (those caught on the dead worker retried on the other)."""
+    cluster = start_cluster(2, 1)
+    try:
+        victim = cluster.workers[0]
+        assert victim.name == "prefill-0"
+
+        async def scenario():
+            done: dict[int, list[int]] = {}
+            warm = asyncio.Event()
+
+            async def lane(client: AsyncClient, lane_id: int) -> None:
+                for k in range(KILL_ROUNDS):
+                    index = k * KILL_LANES + lane_id
+                    out = await client.generate(
+                        unique_prompt(index), max_tokens=KILL_MAX_TOKENS, temperature=0, ignore_eos=True
+                    )
+                    assert out.finish_reason == "length", (index, out.finish_reason)
+                    done[index] = out.token_ids
+                    if len(done) >= KILL_LANES:
+                        warm.set()
+
+            async with AsyncClient(cluster.address, timeout=120) as client:
+                lanes = asyncio.gather(*(lane(client, i) for i in range(KILL_LANES)))
+                await asyncio.wait_for(warm.wait(), timeout=60)  # a round through both prefill workers
+                deadline = time.monotonic() + 10
+                while not await asyncio.to_thread(victim_is_busy, victim):
+                    assert time.monotonic() < deadline, "the prefill worker never had a request to lose"
+                    await asyncio.sleep(0.01)
+                num_done_at_kill = len(done)
+                os.kill(victim.popen.pid, signal.SIGKILL)
+                await lanes
+            return done, num_done_at_kill
+
+        done, num_done_at_kill = asyncio.run(scenario())
+        victim.popen.wait()
+        assert num_done_at_kill < KILL_LANES * KILL_ROUNDS - KILL_LANES  # well before the end of the load
+        assert sorted(done) == list(range(KILL_LANES * KILL_ROUNDS))
+        for index, tokens in done.items():
+            assert tokens == expected_unique[index], f"request {index}: duplicated, missing or different tokens"
+        # Requests that met the dead worker before their first token went to the other one.
+        assert router_counter(cluster, "pdserve_router_retries_total") >= 1, list(cluster.router.tail)
+        assert router_counter(cluster, "pdserve_router_migrations_total") == 0
+        reports = wait_idle(cluster)  # GetLoad checks every survivor's block-manager invariant
+        assert sorted(r.worker_id for r in reports) == ["decode-2", "prefill-1"]
+    finally:
+        cluster.stop()
+
+
 def test_redis_restart_during_load_fails_no_request(redis_server, expected):
     cluster = start_cluster(1, 1, registry=redis_server.url)
     try:
@@ -162,7 +249,6 @@ async def _list(registry):
 
 
 def test_a_draining_worker_reports_not_serving_until_its_switch_commits():
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     cluster = start_cluster(1, 1)

@@ -6,14 +6,17 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine import LLM, SamplingParams
-from router.client import AsyncClient, Client
+from protos.pdserve.v1 import generate_pb2
+from router.client import AsyncClient, Client, build_request
 from tests.integration.conftest import start_cluster, wait_idle
 
 PROMPTS = [[(i * 37 + j * 11) % 300 + 3 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 9, 100, 2, 48])]
@@ -25,6 +28,18 @@ def offline_tokens() -> list[list[int]]:
     llm = LLM(model="tiny", max_model_len=1024)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
     return [list(o.token_ids) for o in llm.generate(PROMPTS, params)]
+
+
+def router_metric(cluster, name: str, **labels: str) -> float:
+    """Sum of the router's /metrics samples named `name` whose labels include `labels`."""
+    with urllib.request.urlopen(f"http://{cluster.router.ready['metrics_address']}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 async def run_streams(address: str, num_streams: int) -> list[list[int]]:
@@ -82,7 +97,10 @@ def test_text_prompt_stop_string_and_usage(cluster_1p1d):
         ({"prompt": "hi", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         ({"prompt": "hi", "top_p": 1.5}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"prompt": [99999]}, grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
-        ({"prompt": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        # Past the router's gRPC receive limit (max request bytes + 64 KiB): gRPC itself refuses it.
+        ({"prompt": "x" * (5 << 20)}, grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"),
+        # Under that limit but over --max-request-bytes (4 MiB): the router's own check.
+        ({"prompt": "x" * ((4 << 20) + 100)}, grpc.StatusCode.INVALID_ARGUMENT, "bytes is too large"),
         ({"prompt": "hi", "min_p": 0.1}, grpc.StatusCode.INVALID_ARGUMENT, "min_p is not supported"),
     ],
 )
@@ -98,13 +116,29 @@ def test_bad_input_gets_a_status_and_the_cluster_keeps_serving(cluster_1p1d, kwa
     wait_idle(cluster_1p1d)
 
 
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (generate_pb2.GenerateRequest(), "prompt is missing: set text, chat or token_ids"),
+        (generate_pb2.GenerateRequest(chat=generate_pb2.ChatPrompt()), "chat.messages is empty"),
+    ],
+    ids=["no-prompt", "chat-without-messages"],
+)
+def test_malformed_grpc_request_gets_invalid_argument_naming_the_problem(cluster_1p1d, request_, message):
+    """Raw protos the Python client never builds: an unset `prompt` oneof, an empty chat."""
+    with Client(cluster_1p1d.address, timeout=30) as client:
+        with pytest.raises(grpc.RpcError) as info:
+            list(client.stub.Generate(request_, timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in info.value.details()
+        assert len(client.generate("still fine", max_tokens=3).token_ids) >= 1
+    wait_idle(cluster_1p1d)
+
+
 def test_client_cancel_mid_stream_frees_every_block(cluster_1p1d):
+    cancelled_before = router_metric(cluster_1p1d, "pdserve_router_cancellations_total", cause="client")
     with Client(cluster_1p1d.address, timeout=60) as client:
-        call = client.stub.Generate(
-            __import__("router.client", fromlist=["build_request"]).build_request(
-                PROMPTS[5], max_tokens=800, temperature=0, ignore_eos=True
-            )
-        )
+        call = client.stub.Generate(build_request(PROMPTS[5], max_tokens=800, temperature=0, ignore_eos=True))
         received = 0
         for message in call:
             received += len(message.token_ids)
@@ -112,6 +146,15 @@ def test_client_cancel_mid_stream_frees_every_block(cluster_1p1d):
                 call.cancel()
                 break
         assert received >= 3
+        assert call.code() == grpc.StatusCode.CANCELLED
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)  # the stream ends with the status, not with more tokens
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    # The router saw the client leave (not an abort, not a deadline) and counted it.
+    deadline = time.monotonic() + 10
+    while router_metric(cluster_1p1d, "pdserve_router_cancellations_total", cause="client") == cancelled_before:
+        assert time.monotonic() < deadline, "the router never counted the client's cancellation"
+        time.sleep(0.05)
     wait_idle(cluster_1p1d)
 
 
@@ -168,10 +211,14 @@ def test_prefill_worker_killed_before_first_token_is_retried_on_the_other(offlin
     try:
         victim = cluster.workers[0]
         assert victim.name.startswith("prefill")
+        assert router_metric(cluster, "pdserve_router_retries_total") == 0
         os.kill(victim.popen.pid, signal.SIGKILL)
         victim.popen.wait()
+        # The registry lists the dead worker until its TTL passes, so some requests are sent to it.
         results = asyncio.run(run_streams(cluster.address, 8))
         assert results == [offline_tokens[i] for i in range(8)]
+        assert router_metric(cluster, "pdserve_router_retries_total") >= 1, list(cluster.router.tail)
+        assert router_metric(cluster, "pdserve_router_migrations_total") == 0  # no token came before a failure
         wait_idle(cluster)
     finally:
         cluster.stop()
