@@ -4,6 +4,7 @@ paged-cache invariants: chunked prefill, decode and mixed batches give the same 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,10 +43,18 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prompt_logits_match_transformers(name: str, tmp_path) -> None:
-    folder = make_hf_model_dir(tmp_path / name, seed=3, **CONFIGS[name])
+    check_prompt_logits_match_transformers(name, tmp_path)
+
+
+def check_prompt_logits_match_transformers(name: str, root: Path, backends: ModelBackends | None = None) -> None:
+    """Config `name` saved under `root`; our prompt logits (with `backends`, else the references) vs transformers'.
+    tests/engine/test_parity_with_moe_kernel.py runs it again with the Triton MoE kernels."""
+    folder = make_hf_model_dir(root / name, seed=3, **CONFIGS[name])
     ids = _token_ids(19, seed=len(name))
-    ours = prefill_logits(load_model(str(folder)).model, ids, block_size=4)
-    _assert_close(ours, hf_logits(folder, ids))
+    model = load_model(str(folder)).model
+    if backends is not None:
+        model.set_backends(backends)
+    _assert_close(prefill_logits(model, ids, block_size=4), hf_logits(folder, ids))
 
 
 @pytest.fixture(scope="module")
