@@ -224,6 +224,8 @@ class TransferResult:
     peer: str
     num_bytes: int
     elapsed_s: float  # from the first byte posted to the future resolving
+    # (stage, time.monotonic()) stamps of this side's steps, for diagnosing where time goes.
+    timeline: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

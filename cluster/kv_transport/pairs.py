@@ -402,6 +402,7 @@ class SendPair(Pair):
         chunks = self._chunks(num_blocks, transfer.whole)
         if not transfer.activate():
             return  # cancelled or expired while queued
+        transfer.mark("start")
         with transfer.lock:
             transfer.abort_group = lambda: abort_group_async(ops, group)
         seq, self.seq = self.seq, self.seq + 1
@@ -420,6 +421,7 @@ class SendPair(Pair):
             deadline_s=max(0.0, transfer.deadline - time.monotonic()),
         )
         self._push(header)
+        transfer.mark("header")
         index = ops.index_tensor(transfer.block_ids)
         buffers = self._reserve(chunks, num_blocks)
         posts: list[_Posted] = []
@@ -439,9 +441,12 @@ class SendPair(Pair):
                     kv_io.gather(rows, chunk, index, view)
                     transfer.last_event = ops.record()
             all_gathered &= gathered  # after a cancel the rest is filler; End(ok=False) says so
+            transfer.mark(f"gather{i}")
             if i == len(chunks) - 1:
                 self._push(End(self.gen, seq, all_gathered))
+                transfer.mark("end")
             post = _Posted(ops.send(group, view, tag))
+            transfer.mark(f"send{i}")
             self._last_post[slot] = post
             self._num_posted += 1
             posts.append(post)
@@ -636,6 +641,8 @@ class RecvPair(Pair):
             transfer = None
         elif not transfer.activate(time.monotonic() + header.deadline_s):
             transfer = None
+        else:
+            transfer.mark("header")
         try:
             self._receive_payload(header, transfer)
         except CommError as exc:
@@ -658,18 +665,23 @@ class RecvPair(Pair):
         for i in range(min(depth, len(chunks))):  # first, so the sender is never kept waiting
             works[i] = ops.recv(group, self._view(buffers, i, chunks[i], num_blocks), tag)
         index = ops.index_tensor(transfer.block_ids) if transfer is not None else None
+        mark = transfer.mark if transfer is not None else lambda stage: None
+        mark("posted")
         end_ok = True
         for i, chunk in enumerate(chunks):
             last = i == len(chunks) - 1
             if last:
                 end_ok = self._wait_end(header, deadline)
+                mark("end")
             ops.wait(works.pop(i), deadline, self._is_dead)
+            mark(f"recv{i}")
             if transfer is not None:
                 with transfer.lock:
                     if transfer.state is State.ACTIVE and (end_ok or not last):
                         kv_io.scatter(rows, chunk, index, self._view(buffers, i, chunk, num_blocks))
                         transfer.last_event = ops.record()
                 transfer.future.num_layers_done = chunk[1]
+                mark(f"scatter{i}")
             if i + depth < len(chunks):
                 works[i + depth] = ops.recv(group, self._view(buffers, i + depth, chunks[i + depth], num_blocks), tag)
         if transfer is None:
@@ -680,6 +692,7 @@ class RecvPair(Pair):
         with transfer.lock:
             last_event = transfer.last_event
         ops.synchronize(last_event)
+        transfer.mark("synced")
         transfer.complete()
 
     def _wait_end(self, header: Header, deadline: float) -> bool:

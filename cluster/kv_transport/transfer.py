@@ -76,6 +76,7 @@ class Transfer:
         self.last_event: Any = None
         # Set by the pair while ACTIVE: aborts the process group carrying this transfer.
         self.abort_group: Callable[[], None] | None = None
+        self.timeline: list[tuple[str, float]] = [("created", time.monotonic())]
         self._on_final = on_final
         self.future = TransferFuture(transfer_id, peer.name, num_layers, self.cancel, poll)
 
@@ -106,9 +107,11 @@ class Transfer:
             self.abort_group = None
             self.lock.notify_all()
         elapsed = time.monotonic() - self.started_at
+        self.mark("complete")
         self.future.num_layers_done = self.num_layers
         self._on_final(self, None)
-        self.future._resolve(TransferResult(self.transfer_id, self.peer.name, self.num_bytes, elapsed), None)
+        result = TransferResult(self.transfer_id, self.peer.name, self.num_bytes, elapsed, tuple(self.timeline))
+        self.future._resolve(result, None)
         return True
 
     def fail(self, reason: FailureReason, detail: str = "") -> bool:
@@ -124,6 +127,10 @@ class Transfer:
         self._on_final(self, reason)
         self.future._resolve(None, KVTransferError(reason, self.transfer_id, self.peer.name, detail))
         return True
+
+    def mark(self, stage: str) -> None:
+        """Stamp a step (list.append is atomic: any thread may call it)."""
+        self.timeline.append((stage, time.monotonic()))
 
     def cancel(self) -> bool:
         return self.fail(FailureReason.ABORTED, "cancelled by this worker")

@@ -114,6 +114,7 @@ class Rank:
         for index in range(len(self.variants)):
             self.peers.append(PeerRef(*json.loads(self.store.get(f"peer/{1 - rank}/{index}"))))
         self.transport, self.peer = self.transports[0], self.peers[0]
+        self.timelines: dict[int, list[dict[str, float]]] = {}  # tokens -> per whole transfer: stage -> ms
 
     # ------------------------------------------------------------------ helpers
     def sync(self) -> None:
@@ -164,8 +165,10 @@ class Rank:
         """Receiver side of a transport step: post first, say so, and stamp when the KV has landed."""
         future = self.transports[variant].expect(self.peers[variant], step, blocks, tokens)
         self.signal(f"{step}/posted")
-        future.result(timeout=120)
-        self.signal(f"{step}/landed", time.monotonic())
+        result = future.result(timeout=120)
+        landed = time.monotonic()
+        self.store.set(f"{step}/timeline", json.dumps(result.timeline))
+        self.signal(f"{step}/landed", landed)
 
     def whole_once(self, step: str, tokens: int, variant: int = 0) -> float | None:
         blocks = self.blocks(tokens)
@@ -173,8 +176,13 @@ class Rank:
             return self.receive(step, tokens, blocks, variant)
         self.wait_for(f"{step}/posted")
         start = time.monotonic()
-        self.transports[variant].send(self.peers[variant], step, blocks, tokens).result(timeout=120)
-        return self.wait_for(f"{step}/landed") - start
+        sent = self.transports[variant].send(self.peers[variant], step, blocks, tokens).result(timeout=120)
+        landed = self.wait_for(f"{step}/landed")
+        if variant == 0:
+            stages = [(f"S:{name}", at) for name, at in sent.timeline]
+            stages += [(f"R:{name}", at) for name, at in json.loads(self.store.get(f"{step}/timeline"))]
+            self.timelines.setdefault(tokens, []).append({name: (at - start) * 1e3 for name, at in stages})
+        return landed - start
 
     def staged_once(self, step: str, tokens: int, num_chunks: int) -> float | None:
         """Diagnostic: gather -> send -> scatter on the raw group, every receive posted up front."""
@@ -224,6 +232,13 @@ class Rank:
         return self.wait_for(f"{step}/landed") - compute_end
 
 
+def median_timeline(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per stage, the median ms after the sender's first call (stages every run has), in time order."""
+    names = [name for name in runs[0] if all(name in run for run in runs)] if runs else []
+    medians = {name: round(statistics.median(run[name] for run in runs), 3) for name in names}
+    return dict(sorted(medians.items(), key=lambda item: item[1]))
+
+
 def _rank_main(rank: int, args: argparse.Namespace, store_port: int, out: Any) -> None:
     os.environ.update(MULTICAST_OFF)
     me = Rank(rank, args, store_port)
@@ -255,6 +270,7 @@ def _rank_main(rank: int, args: argparse.Namespace, store_port: int, out: Any) -
                 row["variants_s"] = {name: statistics.median(times) for name, times in variants.items()}
                 row["staged_s"] = {str(n): statistics.median(times) for n, times in staged.items()}
                 row["layerwise_lands_after_s"] = statistics.median(lands)
+                row["whole_timeline_ms"] = median_timeline(me.timelines.get(tokens, [])[-args.repeats :])
         except Exception:
             row["error"] = traceback.format_exc(limit=3)
         if rank == 0:
