@@ -233,7 +233,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._check_role(
                 (common_pb2.WORKER_ROLE_PREFILL, common_pb2.WORKER_ROLE_MIXED), request.role_epoch, "prefill"
             )
-            return await self.prefill_role.prefill(request, context)
+            async for response in self.prefill_role.prefill(request, context):
+                yield response
         except RoleError as err:
             await context.abort(err.code, err.message)
 

@@ -2,9 +2,14 @@
 
 Per request (the `Decode` RPC):
 
-    preallocated ──expect(KV)──▶ receiving ──KV + first token──▶ running ──▶ finished
-         │                            │                                       ▲
+    preallocated ──expect(KV)──▶ receiving ──KV landed──▶ running ──▶ finished
+         │                            │                                 ▲
+         │              P's first token: streamed to the client at once  │
          └── no prefill peer: the request is prefilled here (mixed / conditional disaggregation)
+
+P streams the first token before the KV has landed, and this worker passes it on right away, so
+the transfer stays off the time to first token. If the transfer then fails, the RPC ends with
+ABORTED after that token, and the router continues the request elsewhere from prompt + token.
 
 Admission: when the blocks aren't there, the request waits (bounded by `admission_timeout_s`)
 and then fails with RESOURCE_EXHAUSTED. A failed prefill or transfer frees the blocks and fails
@@ -37,13 +42,31 @@ from cluster.convert import (
     sampling_from_proto,
 )
 from cluster.engine_loop import EngineLoop
-from cluster.kv_transport import KVTransferError, KVTransport, PeerRef
+from cluster.kv_transport import KVTransferError, KVTransport, PeerRef, TransferFuture, TransferResult
 from cluster.role_support import OutputQueue, RoleError, on_engine, transfer_error_status, wait_transfer
 from engine.request import Request
 from engine.scheduler import RequestOutput, SampledToken
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RemotePrefill:
+    """The Prefill call of one request (set once started, for cancelling it) and its reader."""
+
+    call: grpc.aio.UnaryStreamCall | None = None
+    tail: asyncio.Future | None = None
+
+
+async def _read_to_end(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError | None:
+    """Read a stream to its end: None when it ended OK, else its error (returned, not raised)."""
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,15 +124,16 @@ class DecodeRole:
         )
         queue = OutputQueue()
         finished = False
-        prefill_call: asyncio.Task | None = None
+        remote = _RemotePrefill()
         self._streams[request.request_id] = queue
         try:
             if msg.HasField("prefill_peer"):
-                prefill_call, first = await self._remote_prefill(msg, request, queue)
+                responses = self._remote_prefill(msg, request, queue, remote)
             else:
-                first = await self._local_prefill(request, queue)
-            yield first
-            finished = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+                responses = self._local_prefill(request, queue)
+            async for response in responses:
+                yield response
+                finished = response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
             while not finished:
                 output = await queue.get()
                 finished = output.finished
@@ -117,7 +141,7 @@ class DecodeRole:
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:
-                await self._abort(request, msg, prefill_call)
+                await self._abort(request, msg, remote.call)
 
     @property
     def num_active(self) -> int:
@@ -131,7 +155,7 @@ class DecodeRole:
         return len(self._streams)
 
     # ----------------------------------------------------------------------------- prefill paths
-    async def _local_prefill(self, request: Request, queue: OutputQueue) -> worker_pb2.DecodeResponse:
+    async def _local_prefill(self, request: Request, queue: OutputQueue) -> AsyncIterator[worker_pb2.DecodeResponse]:
         start = time.monotonic()
 
         def submit(engine) -> None:
@@ -151,11 +175,13 @@ class DecodeRole:
                 prefill_seconds=time.monotonic() - start,
             )
         )
-        return response
+        yield response
 
     async def _remote_prefill(
-        self, msg: worker_pb2.DecodeRequest, request: Request, queue: OutputQueue
-    ) -> tuple[asyncio.Task, worker_pb2.DecodeResponse]:
+        self, msg: worker_pb2.DecodeRequest, request: Request, queue: OutputQueue, remote: _RemotePrefill
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """Yield the first token the moment P sampled it; once the KV has landed, join the batch
+        (and yield the finish, if that first token ended the request)."""
         start = time.monotonic()
         await self._preallocate(request)
         queue_seconds = time.monotonic() - start
@@ -182,13 +208,39 @@ class DecodeRole:
             transfer_id=msg.transfer_id,
         )
         stub = self._peer_stub(peer.grpc_address)
-        call = asyncio.ensure_future(stub.Prefill(prefill_msg, timeout=self.config.prefill_timeout_s))
+        remote.call = call = stub.Prefill(prefill_msg, timeout=self.config.prefill_timeout_s)
         try:
-            response = await call
-            result = await wait_transfer(future)
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise RoleError(grpc.StatusCode.ABORTED, f"prefill on {peer.worker_id} ended without a token")
+            token = SampledToken(
+                response.first_token_id,
+                logprobs_from_proto(response.first_token_logprobs)
+                if response.HasField("first_token_logprobs")
+                else None,
+            )
+            num_blocks_received = len(request.block_ids) - num_hit_blocks
+            first = worker_pb2.DecodeResponse(token_ids=[token.token_id], logprobs=self._first_logprobs(response))
+            first.prefill.CopyFrom(
+                worker_pb2.PrefillInfo(
+                    worker_id=peer.worker_id,
+                    is_remote=True,
+                    num_prefilled_tokens=response.num_prefilled_tokens,
+                    num_cached_tokens=request.num_cached_tokens,
+                    queue_seconds=queue_seconds,
+                    prefill_seconds=response.prefill_seconds,
+                    transfer=worker_pb2.KVTransferStats(
+                        num_bytes=self.transport.spec.transfer_bytes(num_blocks_received),
+                        num_blocks=num_blocks_received,
+                    ),
+                ),
+            )
+            yield first  # before the KV lands: the client has its first token now
+            result = await self._kv_landed(future, call, remote)
         except grpc.aio.AioRpcError as exc:
             # ABORTED (retryable) says "the prefill side failed": the router retries with another
-            # prefill worker and keeps this decode worker in rotation.
+            # prefill worker (or, once the first token is out, continues the request elsewhere)
+            # and keeps this decode worker in rotation.
             future.cancel()
             raise RoleError(
                 grpc.StatusCode.ABORTED, f"prefill on {peer.worker_id} failed: {exc.code().name}: {exc.details()}"
@@ -199,34 +251,39 @@ class DecodeRole:
         self.num_remote_prefills += 1
         if self.on_transfer is not None:
             self.on_transfer("recv", result.elapsed_s)
-        token = SampledToken(
-            response.first_token_id,
-            logprobs_from_proto(response.first_token_logprobs) if response.HasField("first_token_logprobs") else None,
-        )
-
-        num_blocks_received = len(request.block_ids) - num_hit_blocks  # before adopt: it may finish and free
 
         def adopt(engine) -> RequestOutput:
             self.loop.sinks[request.request_id] = queue.push
             return engine.adopt(request, token)
 
-        first = self._response(await on_engine(self.loop, adopt))
-        first.prefill.CopyFrom(
-            worker_pb2.PrefillInfo(
-                worker_id=peer.worker_id,
-                is_remote=True,
-                num_prefilled_tokens=response.num_prefilled_tokens,
-                num_cached_tokens=request.num_cached_tokens,
-                queue_seconds=queue_seconds,
-                prefill_seconds=response.prefill_seconds,
-                transfer=worker_pb2.KVTransferStats(
-                    num_bytes=result.num_bytes,
-                    num_blocks=num_blocks_received,
-                    seconds=result.elapsed_s,
-                ),
-            )
-        )
-        return call, first
+        output = await on_engine(self.loop, adopt)
+        if output.finished:  # the first token ended it: say so (the token itself is already out)
+            last = self._response(output)
+            del last.token_ids[:]
+            del last.logprobs[:]
+            yield last
+
+    async def _kv_landed(
+        self, future: TransferFuture, call: grpc.aio.UnaryStreamCall, remote: _RemotePrefill
+    ) -> TransferResult:
+        """The receive's result; fails as soon as P's stream does (P died, or its send failed).
+
+        The rest of P's stream is read by `remote.tail` (kept running after the KV landed, so P
+        ends its RPC normally rather than seeing it cancelled)."""
+        landed = asyncio.ensure_future(wait_transfer(future))
+        remote.tail = tail = asyncio.ensure_future(_read_to_end(call))
+        try:
+            done, _ = await asyncio.wait({landed, tail}, return_when=asyncio.FIRST_COMPLETED)
+            if landed not in done and tail.result() is not None:
+                raise tail.result()
+            return await landed
+        finally:
+            landed.cancel()
+
+    def _first_logprobs(self, response: worker_pb2.PrefillResponse) -> list:
+        if not response.HasField("first_token_logprobs"):
+            return []
+        return [response.first_token_logprobs]
 
     async def _preallocate(self, request: Request) -> None:
         deadline = time.monotonic() + self.config.admission_timeout_s
@@ -259,7 +316,9 @@ class DecodeRole:
             )
         return response
 
-    async def _abort(self, request: Request, msg: worker_pb2.DecodeRequest, prefill_call: asyncio.Task | None) -> None:
+    async def _abort(
+        self, request: Request, msg: worker_pb2.DecodeRequest, prefill_call: grpc.aio.UnaryStreamCall | None
+    ) -> None:
         """Free everything this request holds here and on its prefill worker (idempotent)."""
         self.loop.sinks.pop(request.request_id, None)
         self.transport.abort(f"{request.request_id}/{msg.transfer_id}")

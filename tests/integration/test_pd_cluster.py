@@ -258,6 +258,55 @@ def test_router_reports_not_serving_without_decode_workers():
         cluster.stop()
 
 
+def test_prefill_streams_the_first_token_before_the_kv_is_sent(cluster_1p1d, offline_tokens):
+    """P's Prefill stream: the token first, while its KV cannot have left (the destination has
+    not posted its receive yet), then the transfer's stats once the KV is in the right blocks."""
+    import torch
+
+    from cluster.kv_transport import PeerRef, make_transport
+    from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+    prefill = next(w for w in cluster_1p1d.workers if w.name.startswith("prefill"))
+    kv = torch.zeros(4, 2, 12, 16, 2, 16)  # the tiny model's cache shape, 12 blocks
+    transport = make_transport(
+        "gloo", kv=kv, local=PeerRef("early-decode", "inc-1"), model_hash=prefill.ready["model_hash"]
+    )
+    prompt, blocks = PROMPTS[5], [9, 2, 7, 0, 4, 11, 5]  # 100 tokens: 7 blocks
+    try:
+        local = transport.local
+        request = worker_pb2.PrefillRequest(
+            request=worker_pb2.EngineRequest(
+                request_id="early-1",
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+            ),
+            destination=worker_pb2.KVDestination(
+                worker=common_pb2.WorkerRef(worker_id="early-decode", incarnation_id="inc-1"),
+                kv_store_host=local.host,
+                kv_store_port=local.port,
+                block_ids=blocks,
+            ),
+            transfer_id=5,
+        )
+        with grpc.insecure_channel(prefill.ready["grpc_address"]) as channel:
+            stream = worker_pb2_grpc.WorkerStub(channel).Prefill(request, timeout=60)
+            first = next(stream)
+            assert first.first_token_id == offline_tokens[5][0]
+            assert not first.HasField("transfer")
+            assert transport.stats().num_received == 0 and not kv.any()
+            source = PeerRef(prefill.ready["worker_id"], prefill.ready["incarnation_id"])
+            landed = transport.expect(source, "early-1/5", blocks, len(prompt))
+            rest = list(stream)
+            landed.result(timeout=30)
+        block_bytes = 4 * 2 * 16 * 2 * 16 * 4
+        assert len(rest) == 1 and rest[0].transfer.num_blocks == 7 and rest[0].transfer.num_bytes == 7 * block_bytes
+        filled = kv.abs().sum(dim=(0, 1, 3, 4, 5)) > 0
+        assert filled.nonzero().flatten().tolist() == sorted(blocks)
+    finally:
+        transport.close()
+    wait_idle(cluster_1p1d)
+
+
 def test_decode_worker_receives_the_prompt_kv_and_skips_blocks_it_has_cached(cluster_1p1d):
     from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 

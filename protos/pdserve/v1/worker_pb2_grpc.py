@@ -39,7 +39,7 @@ class WorkerStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/pdserve.v1.Worker/Prefill',
                 request_serializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.PrefillResponse.FromString,
@@ -79,8 +79,11 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Prefill(self, request, context):
-        """Decode worker D -> prefill worker P. P prefills the context, pushes its KV into D's blocks
-        and returns the first sampled token once the last layer is sent.
+        """Decode worker D -> prefill worker P. P prefills the context and streams two messages: the
+        first sampled token as soon as it is sampled (its KV is then on the wire to D's blocks), and
+        the transfer's stats once the last layer is sent. D streams the token to its client at once
+        (the KV transfer is off the time to first token) and decodes once the KV has landed. An error
+        status after the first message means the transfer failed; cancelling the RPC aborts it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +126,7 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_worker__pb2.PrefillResponse.SerializeToString,
@@ -197,7 +200,7 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/pdserve.v1.Worker/Prefill',
