@@ -93,7 +93,7 @@ class DistTransport(KVTransport):
 
     def send(self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int) -> TransferFuture:
         # Whole: the pair may cut it into big chunks (a stream is cut small, see pairs.py).
-        return self._open_send(peer, transfer_id, block_ids, num_tokens, whole=True).finish()
+        return self._open_send(peer, transfer_id, block_ids, num_tokens, whole=True).future
 
     def _open_send(
         self, peer: PeerRef, transfer_id: str, block_ids: Sequence[int], num_tokens: int, whole: bool
@@ -115,12 +115,15 @@ class DistTransport(KVTransport):
             self._final,
             whole=whole,
         )
+        stream = _Stream(self, transfer)
+        if whole:  # every layer is written: say so before the pair thread picks it up
+            stream.finish()
         with self._lock:
             self._admit(transfer)
             pair, stale = self._pair_for(self._send_pairs, peer, SendPair)
         self._close_pairs(stale, peer)
         pair.submit(transfer)
-        return _Stream(self, transfer)
+        return stream
 
     # ------------------------------------------------------------------ receiving
     def expect(

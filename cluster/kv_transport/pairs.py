@@ -31,6 +31,8 @@ import abc
 import contextlib
 import datetime
 import logging
+import select
+import socket
 import threading
 import time
 from collections import deque
@@ -48,18 +50,22 @@ from cluster.kv_transport.protocol import (
     GEN_KEY,
     HELLO_KEY,
     PROBE_MAGIC,
+    ChannelClosed,
     End,
     Header,
     Hello,
     Message,
     Open,
     Wake,
+    channel_key,
     check_header,
     dead_key,
     decode,
     encode,
     group_prefix,
     pair_prefix,
+    read_frame,
+    write_frame,
 )
 from cluster.kv_transport.transfer import State, Transfer
 
@@ -112,6 +118,7 @@ class Pair(abc.ABC):
         self.group: Any = None
         self.gen = 0
         self.seq = 0
+        self.chan: socket.socket | None = None  # the live generation's control channel
         self._pair_store: dist.Store | None = None
         self._staging: kv_io.StagingBuffers | None = None
         self.thread = threading.Thread(target=self._main, name=f"kvt-{self.role}-{peer.worker_id}", daemon=True)
@@ -155,6 +162,7 @@ class Pair(abc.ABC):
             pass  # the peer (or its store) is gone; it will notice on its own
 
     def _drop_group(self, why: str) -> None:
+        self._close_channel()
         group, gen = self.group, self.gen
         if group is None:
             return
@@ -163,6 +171,11 @@ class Pair(abc.ABC):
         self._mark_dead(gen, why)
         abort_group_async(self.host.ops, group)
         self.host.note_group(built=False)
+
+    def _close_channel(self) -> None:
+        chan, self.chan = self.chan, None
+        if chan is not None:
+            chan.close()
 
     @staticmethod
     def _group_store(store: dist.Store, prefix: str, gen: int) -> dist.Store:
@@ -346,10 +359,13 @@ class SendPair(Pair):
 
     def _ensure_group(self, transfer: Transfer) -> None:
         if self.group is not None:
-            idle = time.monotonic() - self._last_use > _RECHECK_IDLE_S
-            if not (idle and self._is_dead()):
-                return
-            self._drop_group("the receiver dropped it while idle")
+            if self._channel_closed():
+                self._drop_group("the receiver closed the control channel")
+            else:
+                idle = time.monotonic() - self._last_use > _RECHECK_IDLE_S
+                if not (idle and self._is_dead()):
+                    return
+                self._drop_group("the receiver dropped it while idle")
         deadline = min(transfer.deadline, time.monotonic() + self.host.config.connect_timeout_s)
         store = self._connect_store(deadline)
         assert self._pair_store is not None
@@ -370,7 +386,7 @@ class SendPair(Pair):
         problems = self.host.spec.mismatches(hello.spec)
         if problems:
             # Generation 0 carries no group: it only lets the receiver fail its expects at once.
-            self._push(Open(0, local.worker_id, local.incarnation, self.host.spec))
+            self._push_queue(Open(0, local.worker_id, local.incarnation, self.host.spec))
             raise CommError(FailureReason.HANDSHAKE_MISMATCH, "; ".join(problems))
         try:
             gen = self._pair_store.add(GEN_KEY, 1)
@@ -391,8 +407,34 @@ class SendPair(Pair):
         self._num_posted, self._last_post = 0, [None] * len(self._last_post)
         self.host.note_group(built=True)
         self.host.ops.wait(self.host.ops.send(group, probe, 0), deadline, self._is_dead)
+        self._connect_channel(gen, local, deadline)
         self._last_use = time.monotonic()
         log.info("KV transport: send group g%d with %s is up", gen, self.peer.name)
+
+    def _channel_closed(self) -> bool:
+        """Did the receiver close the channel? (It never writes to it: readable means closed.)"""
+        if self.chan is None:
+            return True
+        try:
+            readable, _, _ = select.select([self.chan], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def _connect_channel(self, gen: int, local: PeerRef, deadline: float) -> None:
+        assert self._pair_store is not None
+        try:
+            port = int(self._pair_store.get(channel_key(gen)))
+            chan = socket.create_connection((self.peer.host, port), timeout=max(0.05, deadline - time.monotonic()))
+            chan.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            chan.settimeout(self.host.config.connect_timeout_s)  # frames are small: a full buffer means a dead peer
+            write_frame(chan, Open(gen, local.worker_id, local.incarnation, self.host.spec))
+        except Exception as exc:
+            self._mark_dead(gen, "sender could not open the control channel")
+            raise CommError(
+                FailureReason.PEER_GONE, f"control channel of g{gen} with {self.peer.name}: {_store_error_text(exc)}"
+            ) from exc
+        self.chan = chan
 
     # ------------------------------------------------------------------ one transfer
     def _send(self, transfer: Transfer) -> None:
@@ -474,6 +516,14 @@ class SendPair(Pair):
         return self._staging.reserve(words)
 
     def _push(self, message: Message) -> None:
+        """A Header or End, on the generation's control channel."""
+        assert self.chan is not None
+        try:
+            write_frame(self.chan, message)
+        except OSError as exc:
+            raise CommError(FailureReason.PEER_GONE, f"control channel to {self.peer.name}: {exc}") from exc
+
+    def _push_queue(self, message: Message) -> None:
         assert self._pair_store is not None
         try:
             self._pair_store.queue_push(CTL_KEY, encode(message))
@@ -492,7 +542,6 @@ class RecvPair(Pair):
         self._lock = threading.Lock()
         self._expects: dict[str, Transfer] = {}
         self._store: dist.Store | None = None
-        self._pushed_back: Message | None = None
         self.mismatch: str | None = None
 
     def post(self, transfer: Transfer) -> None:
@@ -518,6 +567,10 @@ class RecvPair(Pair):
             transfer.fail(reason, detail)
         if group is not None:
             abort_group_async(self.host.ops, group)
+        chan = self.chan
+        if chan is not None:  # wakes the pair thread reading it (it closes the socket itself)
+            with contextlib.suppress(OSError):
+                chan.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):  # our own store is going away too
             self.host.push_control(self.prefix, encode(Wake()))
 
@@ -539,7 +592,11 @@ class RecvPair(Pair):
         self._pair_store = dist.PrefixStore(self.prefix, self._store)
         last_message = time.monotonic()
         while not self.closed:
-            message = self._next_message(_IDLE_POP_S)
+            try:
+                message = self._next_message(_IDLE_POP_S)
+            except ChannelClosed as exc:  # the sender dropped the generation, or is gone
+                self._drop_group(str(exc))
+                continue
             if message is None:
                 with self._lock:
                     expecting = any(not t.is_final for t in self._expects.values())
@@ -561,9 +618,9 @@ class RecvPair(Pair):
                 self._drop_group(repr(exc))
 
     def _next_message(self, timeout_s: float) -> Message | None:
-        if self._pushed_back is not None:
-            message, self._pushed_back = self._pushed_back, None
-            return message
+        """The generation's channel while one is up (raises ChannelClosed), else the store queue."""
+        if self.chan is not None:
+            return read_frame(self.chan, timeout_s)
         assert self._store is not None and self._pair_store is not None
         self._store.set_timeout(datetime.timedelta(seconds=max(0.01, timeout_s)))
         try:
@@ -597,19 +654,39 @@ class RecvPair(Pair):
         deadline = time.monotonic() + self.host.config.connect_timeout_s
         assert self._store is not None
         group_store = self._group_store(self._store, self.prefix, message.gen)
-        try:
-            group = self.host.ops.create_group(group_store, 0, self.host.config.connect_timeout_s)
-        except Exception as exc:
-            self._mark_dead(message.gen, "receiver could not join")
-            log.warning("KV transport: joining g%d from %s failed: %s", message.gen, self.peer.name, exc)
-            return
-        self.group, self.seq = group, 0
-        self.host.note_group(built=True)
-        probe = torch.zeros(2, dtype=torch.int64, device=self.host.rows.device)
-        self.host.ops.wait(self.host.ops.recv(group, probe, 0), deadline, self._is_dead)
-        if probe.tolist() != [PROBE_MAGIC, message.gen]:
-            raise CommError(FailureReason.PROTOCOL_ERROR, f"connect probe {probe.tolist()} for g{message.gen}")
+        with socket.create_server((self.host.config.host, 0)) as listener:
+            self._pair_store.set(channel_key(message.gen), str(listener.getsockname()[1]))
+            try:
+                group = self.host.ops.create_group(group_store, 0, self.host.config.connect_timeout_s)
+            except Exception as exc:
+                self._mark_dead(message.gen, "receiver could not join")
+                log.warning("KV transport: joining g%d from %s failed: %s", message.gen, self.peer.name, exc)
+                return
+            self.group, self.seq = group, 0
+            self.host.note_group(built=True)
+            probe = torch.zeros(2, dtype=torch.int64, device=self.host.rows.device)
+            self.host.ops.wait(self.host.ops.recv(group, probe, 0), deadline, self._is_dead)
+            if probe.tolist() != [PROBE_MAGIC, message.gen]:
+                raise CommError(FailureReason.PROTOCOL_ERROR, f"connect probe {probe.tolist()} for g{message.gen}")
+            self.chan = self._accept_channel(listener, message.gen, deadline)
         log.info("KV transport: recv group g%d with %s is up", message.gen, self.peer.name)
+
+    def _accept_channel(self, listener: socket.socket, gen: int, deadline: float) -> socket.socket:
+        listener.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chan, _ = listener.accept()
+        except OSError as exc:
+            raise CommError(FailureReason.TIMEOUT, f"no control channel for g{gen}: {exc}") from exc
+        try:
+            chan.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            first = read_frame(chan, max(0.05, deadline - time.monotonic()))
+        except ChannelClosed as exc:
+            chan.close()
+            raise CommError(FailureReason.PEER_GONE, f"control channel of g{gen}: {exc}") from exc
+        if not isinstance(first, Open) or first.gen != gen:
+            chan.close()
+            raise CommError(FailureReason.PROTOCOL_ERROR, f"control channel of g{gen} opened with {first!r}")
+        return chan
 
     # ------------------------------------------------------------------ one transfer
     def _receive(self, header: Header) -> None:
@@ -696,10 +773,12 @@ class RecvPair(Pair):
         transfer.complete()
 
     def _wait_end(self, header: Header, deadline: float) -> bool:
-        message = self._next_message(deadline - time.monotonic())
+        try:
+            message = self._next_message(deadline - time.monotonic())
+        except ChannelClosed as exc:
+            raise CommError(FailureReason.PEER_GONE, f"before the end of {header.transfer_id}: {exc}") from exc
         if isinstance(message, End) and (message.gen, message.seq) == (header.gen, header.seq):
             return message.ok
         if message is None:
             raise CommError(FailureReason.TIMEOUT, f"no end marker for {header.transfer_id} by the deadline")
-        self._pushed_back = message  # e.g. the sender reset the pair and opened a new generation
-        raise CommError(FailureReason.PEER_GONE, f"the sender moved on before finishing {header.transfer_id}")
+        raise CommError(FailureReason.PROTOCOL_ERROR, f"expected the end of {header.transfer_id}, got {message!r}")

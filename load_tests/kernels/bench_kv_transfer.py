@@ -23,8 +23,10 @@ Coordination goes through a `TCPStore` with one key per step (no collective barr
 created NCCL communicator inside a posted recv must never wait behind a barrier). Times come from
 the host's monotonic clock, which both processes share: from the sender's first call until the
 data is usable on the receiver (raw: recv done and synchronized; whole: the transfer's future
-resolved). The receiver always posts first. Medians of --repeats. Simulated compute per layer =
-(2 * active params per layer * T + 2 * T^2 * heads * head_dim) FLOPs at --tflops.
+resolved, stamped by a done-callback on the thread that resolves it, so the waiting thread's own
+wake-up is not counted, as it is not for raw). The receiver always posts first. Medians of
+--repeats. Simulated compute per layer = (2 * active params per layer * T + 2 * T^2 * heads *
+head_dim) FLOPs at --tflops.
 
 Targets (issue): whole >= 85 % of raw for T >= 4096; layer-wise lands within one layer's compute
 for T >= 1024. Writes `kv_transfer_<tag>.json` and `.md` into --out. `--device cpu` runs the same
@@ -164,9 +166,11 @@ class Rank:
     def receive(self, step: str, tokens: int, blocks: list[int], variant: int = 0) -> None:
         """Receiver side of a transport step: post first, say so, and stamp when the KV has landed."""
         future = self.transports[variant].expect(self.peers[variant], step, blocks, tokens)
+        resolved: list[float] = []
+        future.add_done_callback(lambda _: resolved.append(time.monotonic()))  # on the resolving thread
         self.signal(f"{step}/posted")
         result = future.result(timeout=120)
-        landed = time.monotonic()
+        landed = resolved[0]
         self.store.set(f"{step}/timeline", json.dumps(result.timeline))
         self.signal(f"{step}/landed", landed)
 

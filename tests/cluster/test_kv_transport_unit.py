@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import socket
 import threading
 import time
 
@@ -266,6 +267,25 @@ def test_gloo_pair_reports_protocol_errors_and_keeps_working(gloo_pair):
     assert torch.equal(kv_d[:, :, [10, 11, 12, 13]], kv_p[:, :, [20, 21, 22, 23]])
     stats = decode.stats()
     assert stats.num_received == 2 and stats.num_failed == {"protocol_error": 2} and stats.num_active == 0
+
+
+def test_a_closed_control_channel_is_seen_at_once_and_the_next_transfer_rebuilds_the_pair(gloo_pair):
+    prefill, decode, kv_p, kv_d = gloo_pair
+    got = decode.expect(prefill.local, "a", [1], 1)
+    assert prefill.send(decode.local, "a", [2], 1).result(5) and got.result(5)
+    assert decode.stats().num_groups_dropped == 0
+    # The sender's end of the channel goes (as when it drops the generation, or dies): the
+    # receiver reads the end of the stream and drops its group without waiting for a transfer.
+    prefill._send_pairs[decode.local.worker_id].chan.shutdown(socket.SHUT_RDWR)
+    deadline = time.monotonic() + 5
+    while decode.stats().num_groups_dropped == 0:
+        assert time.monotonic() < deadline, "the receiver did not notice the closed channel"
+        time.sleep(0.01)
+    # The sender sees its channel closed before the next transfer and builds generation 2.
+    got = decode.expect(prefill.local, "b", [3, 4], 7)
+    assert prefill.send(decode.local, "b", [5, 6], 7).result(5) and got.result(5)
+    assert torch.equal(kv_d[:, :, [3, 4]], kv_p[:, :, [5, 6]])
+    assert prefill.stats().num_groups_built == 2 and decode.stats().num_groups_built == 2
 
 
 def test_closing_a_transport_fails_its_open_transfers_with_aborted(gloo_pair):

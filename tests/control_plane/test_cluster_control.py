@@ -159,7 +159,7 @@ def router_counter(cluster: LocalCluster, name: str) -> float:
 
 def test_killing_a_prefill_worker_under_load_completes_every_request(expected_unique):
     """kill -9 of a prefill worker while 16 lanes of unique prompts run: every request finishes
-    token-identical to the offline engine (those caught on the dead worker retried on the other)."""
+    token-identical to the offline engine (those caught on the dead worker finish on the other)."""
     cluster = start_cluster(2, 1)
     try:
         victim = cluster.workers[0]
@@ -198,9 +198,12 @@ def test_killing_a_prefill_worker_under_load_completes_every_request(expected_un
         assert sorted(done) == list(range(KILL_LANES * KILL_ROUNDS))
         for index, tokens in done.items():
             assert tokens == expected_unique[index], f"request {index}: duplicated, missing or different tokens"
-        # Requests that met the dead worker before their first token went to the other one.
-        assert router_counter(cluster, "pdserve_router_retries_total") >= 1, list(cluster.router.tail)
-        assert router_counter(cluster, "pdserve_router_migrations_total") == 0
+        # Requests that met the dead worker before their first token went to the other one
+        # (retries); those whose first token was out, their KV still on the wire, were continued
+        # from prompt + that token (migrations). Both end token-identical (checked above).
+        num_retries = router_counter(cluster, "pdserve_router_retries_total")
+        num_migrations = router_counter(cluster, "pdserve_router_migrations_total")
+        assert num_retries + num_migrations >= 1, list(cluster.router.tail)
         reports = wait_idle(cluster)  # GetLoad checks every survivor's block-manager invariant
         assert sorted(r.worker_id for r in reports) == ["decode-2", "prefill-1"]
     finally:
