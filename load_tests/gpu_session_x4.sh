@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device session on a machine with four GPUs: the end-to-end PD benchmarks (load_tests/bench_pd.py,
 # ernie-4.5-21b-a3b random preset), in two parts of at most 540 s each.
-#   bash load_tests/gpu_session_x4.sh PART [COMMIT]    PART: pd1 | pd2
+#   bash load_tests/gpu_session_x4.sh PART [COMMIT]    PART: pd1 | pd2 | kvpd
 #   pd1  at once: goodput --gpus 2 on GPUs 0,1 and ttft --gpus 2 on GPUs 2,3
 #   pd2  goodput --gpus 4, then shift --gpus 4 (one cluster, static splits set by role flips)
+#   kvpd at once: on GPUs 0,1 the KV-transfer benchmark, then the KV-transport and PD GPU tests;
+#        on GPUs 2,3 ttft --gpus 2, then goodput --gpus 2
 # $OUT gets at most 8 files a part: PART.log (the console: environment, each step's log tail),
 # PART.tar.gz (every step's full log and every result: the benchmarks' JSON + Markdown and the
 # harness's per-run folders) and a copy of each benchmark's top-level JSON and Markdown.
@@ -21,7 +23,7 @@ WORK=${PD_WORK:-/tmp/pdserve-$PART}  # step logs and results, packed into $OUT/$
 BUDGET=${PD_BUDGET:-540}             # seconds for the whole part
 RESERVE=15                           # kept back for reaping and packing
 START=$(date +%s)
-case "$PART" in pd1 | pd2) ;; *) echo "PART must be pd1 or pd2, got $PART" >&2; exit 2 ;; esac
+case "$PART" in pd1 | pd2 | kvpd) ;; *) echo "PART must be pd1, pd2 or kvpd, got $PART" >&2; exit 2 ;; esac
 rm -rf "$WORK"
 mkdir -p "$OUT" "$WORK/logs" "$WORK/results"
 RESULTS=$WORK/results
@@ -34,6 +36,7 @@ if [ "${PD_DRY_RUN:-0}" = 1 ]; then  # CPU, tiny model: the script's logic, not 
   GOODPUT4=(--start-rate 4 --max-runs 1 --seconds-per-run 2 --drain-timeout 5 --client-procs 2)
   GOODPUT4+=(--input-len uniform:32:128 --output-len uniform:8:16)
   SHIFT4=(--phase-seconds 2 --phase-rate 2 --long-len 256 --long-output 16 --drain-timeout 5 --reuse-cluster)
+  KVBENCH=(--device cpu --tokens 16,64 --repeats 2 --layerwise-repeats 1 --variants "")
 else
   # Workers keep their defaults (64 sequences, 2048-token chunks, CUDA graphs for batch buckets 1..64);
   # bench_pd raises --max-model-len to fit the workload. Output lengths uniform 128..384 (mean 256, as
@@ -49,7 +52,9 @@ else
   GOODPUT4+=(--output-len uniform:128:384 --client-procs 2)
   SHIFT4=(--phase-seconds 12 --phase-rate "${PD_SHIFT_RATE:-18}" --long-len 4096 --long-output 256)
   SHIFT4+=(--drain-timeout 10 --reuse-cluster)
+  KVBENCH=(--device cuda --variants "")
 fi
+GPU_TESTS=(tests/cluster/test_kv_transport_gpu.py tests/integration/test_pd_gpu.py)
 
 left() { echo $((START + BUDGET - RESERVE - $(date +%s))); }
 
@@ -94,7 +99,7 @@ pack() {  # everything into one tar; the benchmarks' top-level JSON and Markdown
   cp "$OUT/$PART.log" "$WORK/logs/console.log" 2>/dev/null
   tar -czf "$OUT/$PART.tar.gz" -C "$WORK" logs results env.txt 2>/dev/null || tar -czf "$OUT/$PART.tar.gz" -C "$WORK" .
   local n=2 f
-  for f in "$RESULTS"/pd_*gpu_*.json "$RESULTS"/pd_*gpu_*.md; do
+  for f in "$RESULTS"/pd_*gpu_*.json "$RESULTS"/pd_*gpu_*.md "$RESULTS"/kv_transfer_*.json "$RESULTS"/kv_transfer_*.md; do
     [ -f "$f" ] && [ "$n" -lt 8 ] && cp "$f" "$OUT/" && n=$((n + 1))
   done
   ls -la "$OUT"
@@ -115,6 +120,14 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'grpc', grpc.__v
   if [ "$PART" = pd1 ]; then
     bench goodput2 "$(left)" 0,1 goodput --gpus 2 "${GOODPUT2[@]}" &
     bench ttft2 300 2,3 ttft --gpus 2 "${TTFT2[@]}" &
+    wait
+  elif [ "$PART" = kvpd ]; then
+    { run kvbench 240 env CUDA_VISIBLE_DEVICES=0,1 python3 -m load_tests.kernels.bench_kv_transfer "${KVBENCH[@]}" \
+        --out "$RESULTS" --git-commit "$COMMIT"
+      [ "${PD_DRY_RUN:-0}" = 1 ] || run gputests 240 env CUDA_VISIBLE_DEVICES=0,1 python3 -m pytest -q -m gpu \
+        -p no:cacheprovider "${GPU_TESTS[@]}"; } &
+    { bench ttft2 200 2,3 ttft --gpus 2 "${TTFT2[@]}"
+      bench goodput2 "$(left)" 2,3 goodput --gpus 2 "${GOODPUT2[@]}"; } &
     wait
   else
     bench goodput4 290 0,1,2,3 goodput --gpus 4 "${GOODPUT4[@]}"
