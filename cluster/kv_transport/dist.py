@@ -115,6 +115,7 @@ class DistTransport(KVTransport):
             self._final,
             whole=whole,
         )
+        transfer.index = torch.tensor(blocks, dtype=torch.int64)
         stream = _Stream(self, transfer)
         if whole:  # every layer is written: say so before the pair thread picks it up
             stream.finish()
@@ -149,6 +150,7 @@ class DistTransport(KVTransport):
             deadline,
             self._final,
         )
+        transfer.index = torch.tensor(blocks, dtype=torch.int64)
         with self._lock:
             self._admit(transfer)
             arrived_early = transfer_id in self._orphans

@@ -121,6 +121,7 @@ class Pair(abc.ABC):
         self.chan: socket.socket | None = None  # the live generation's control channel
         self._pair_store: dist.Store | None = None
         self._staging: kv_io.StagingBuffers | None = None
+        self._upload_index: Any = None  # set on the pair thread (see backends.IndexUploader)
         self.thread = threading.Thread(target=self._main, name=f"kvt-{self.role}-{peer.worker_id}", daemon=True)
 
     def start(self) -> None:
@@ -131,6 +132,7 @@ class Pair(abc.ABC):
             self.host.ops.thread_setup()
             depth = self.host.config.staging_depth
             self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device, depth)
+            self._upload_index = self.host.ops.index_uploader(self.host.rows.shape[1])
             self._run()
         except Exception as exc:  # a bug here must not kill the worker: fail this pair's transfers
             log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)
@@ -464,7 +466,7 @@ class SendPair(Pair):
         )
         self._push(header)
         transfer.mark("header")
-        index = ops.index_tensor(transfer.block_ids)
+        index = self._upload_index(transfer.index)
         buffers = self._reserve(chunks, num_blocks)
         posts: list[_Posted] = []
         all_gathered = True
@@ -741,7 +743,7 @@ class RecvPair(Pair):
         works: dict[int, Any] = {}
         for i in range(min(depth, len(chunks))):  # first, so the sender is never kept waiting
             works[i] = ops.recv(group, self._view(buffers, i, chunks[i], num_blocks), tag)
-        index = ops.index_tensor(transfer.block_ids) if transfer is not None else None
+        index = self._upload_index(transfer.index) if transfer is not None else None
         mark = transfer.mark if transfer is not None else lambda stage: None
         mark("posted")
         end_ok = True

@@ -59,6 +59,7 @@ class Transfer:
         self.transfer_id = transfer_id
         self.peer = peer
         self.block_ids = block_ids
+        self.index: Any = None  # block_ids as an int64 CPU tensor, made by the caller's thread
         self.num_tokens = num_tokens
         self.num_layers = num_layers
         self.num_bytes = num_bytes
