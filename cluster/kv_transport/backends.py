@@ -199,26 +199,21 @@ class NcclOps(CommOps):
 
 
 class IndexUploader:
-    """Copies a transfer's block indices (an int64 CPU tensor) to the device, on the calling
-    thread's stream, through one pinned buffer it reuses (pinning memory per transfer costs a
-    few hundred microseconds). One per pair thread; CPU indices are used as they are."""
+    """Copies a transfer's block indices (an int64 CPU tensor, made on the caller's thread) to the
+    device on the calling thread's stream, asynchronously from freshly pinned memory. It never
+    waits on the host: a pinned buffer reused across transfers would have to wait for the last
+    upload, which on the pair's stream queues behind gathers that wait for the prefill's compute
+    (the suspected cause of a goodput regression on two H200s at e6ebffa). CPU indices are used
+    as they are."""
 
     def __init__(self, device: torch.device, capacity: int) -> None:
         self.device = device
-        self._pinned = torch.empty(capacity, dtype=torch.int64, pin_memory=True) if device.type == "cuda" else None
-        self._last: torch.cuda.Event | None = None
+        self.capacity = capacity
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
-        if self._pinned is None:
+        if self.device.type != "cuda":
             return index
-        if self._last is not None:
-            self._last.synchronize()  # the previous upload has read the pinned buffer (long since, in practice)
-        staged = self._pinned[: index.numel()]
-        staged.copy_(index)
-        uploaded = staged.to(self.device, non_blocking=True)
-        self._last = torch.cuda.Event()
-        self._last.record()
-        return uploaded
+        return index.pin_memory().to(self.device, non_blocking=True)
 
 
 def make_ops(backend: str, device: torch.device, config: TransportConfig) -> CommOps:
