@@ -16,6 +16,7 @@ Waiting, which is where a dead peer could hang us:
 from __future__ import annotations
 
 import abc
+import contextlib
 import datetime
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +91,10 @@ class CommOps(abc.ABC):
     def thread_setup(self) -> Any:
         """Called once on a pair thread: bind the device, return the pair's transfer stream."""
         return None
+
+    def on_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        """Make `stream` (from `thread_setup`) current on the calling thread for a while."""
+        return contextlib.nullcontext()
 
     def record(self) -> Any:
         """An event marking the work issued so far on this thread's current stream (None on CPU)."""
@@ -186,6 +191,9 @@ class NcclOps(CommOps):
         stream = torch.cuda.Stream(self.device, priority=-1)
         torch.cuda.set_stream(stream)
         return stream
+
+    def on_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(stream)
 
     def record(self) -> Any:
         event = torch.cuda.Event()

@@ -397,3 +397,48 @@ def test_whole_sends_go_in_big_chunks_streams_in_small_ones_through_deep_staging
     finally:
         prefill.close()
         decode.close()
+
+
+@pytest.mark.parametrize("ops", [GlooOps, PollingGlooOps])
+def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_thread_finishes_it(
+    monkeypatch, ops
+):
+    """Header, indices and the chunks with a free staging buffer go out before `send` returns;
+    chunks past the staging depth wait for the pair thread. Either way the bits land exactly."""
+    from cluster.kv_transport import transfer as transfer_module
+
+    stamped: dict[str, list[tuple[str, str]]] = {}
+    real_mark = transfer_module.Transfer.mark
+
+    def mark(self, stage):
+        stamped.setdefault(self.transfer_id, []).append((stage, threading.current_thread().name))
+        real_mark(self, stage)
+
+    monkeypatch.setattr(transfer_module.Transfer, "mark", mark)
+    monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: ops(device, config))
+    # 256 bytes per block and layer; 32 blocks make 8 KiB a layer: one layer a chunk, 4 chunks, 2 buffers.
+    config = TransportConfig(chunk_bytes=4096, staging_depth=2, deadline_base_s=5.0, connect_timeout_s=5.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    try:
+        first = decode.expect(prefill.local, "warm", [0], 1)  # builds the group on the pair thread
+        assert prefill.send(decode.local, "warm", [1], 1).result(10) and first.result(10)
+        assert ("start", "MainThread") not in stamped["warm"]
+        for attempt in range(3):
+            blocks = list(range(32)) if attempt % 2 else list(range(32, 64))
+            got = decode.expect(prefill.local, f"t{attempt}", blocks, 128)
+            sent = prefill.send(decode.local, f"t{attempt}", [63 - b for b in blocks], 128)
+            by_caller = [stage for stage, thread in stamped[f"t{attempt}"] if thread == "MainThread"]
+            assert by_caller[:3] == ["start", "header", "gather0"]
+            if not ops.can_poll:  # chunk 2 reuses chunk 0's buffer, which cannot be seen free without a wait
+                assert by_caller[-1] == "send1"
+            assert sent.result(10) and got.result(10)
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+            sends = [(stage, thread) for stage, thread in stamped[f"t{attempt}"] if stage.startswith("send")]
+            assert [stage for stage, _ in sends] == ["send0", "send1", "send2", "send3"]
+            assert {thread for _, thread in sends} <= {"MainThread", f"kvt-send-{decode.local.worker_id}"}
+        assert prefill.stats().num_sent == decode.stats().num_received == 4
+    finally:
+        prefill.close()
+        decode.close()
