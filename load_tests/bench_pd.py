@@ -280,6 +280,7 @@ def _longest(*dists: str) -> int:
 def run_goodput(args: argparse.Namespace, folder: Path, save: Save) -> dict[str, Any]:
     gpus = args.gpus
     shapes = {"disaggregated": (gpus // 2, gpus - gpus // 2, 0), "colocated": (0, 0, gpus)}
+    shapes = {name: shape for name, shape in shapes.items() if name in args.shapes}
     cap = args.requests or 2000
     longest = max(_longest(args.input_len, args.output_len), _longest(args.input_len, f"fixed:{WARMUP_OUTPUT}"))
     result: dict[str, Any] = {
@@ -570,6 +571,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start-rate", type=float, default=2.0, help="goodput: req/s of the first run")
     parser.add_argument("--max-runs", type=int, default=6, help="goodput: runs per shape at most")
     parser.add_argument("--tolerance", type=float, default=0.1, help="goodput: stop at this pass/fail gap")
+    parser.add_argument(
+        "--shapes",
+        default="disaggregated,colocated",
+        help="goodput: the shapes to search, comma-separated (one alone: e.g. to compare commits at one rate)",
+    )
     parser.add_argument("--seconds-per-run", type=float, default=30.0, help="goodput: rate x this many s of requests")
     parser.add_argument("--phase-seconds", type=float, default=60.0, help="shift")
     parser.add_argument("--phase-rate", type=float, default=4.0, help="shift: requests/s in each phase")
@@ -581,6 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.gpus < 2:
         parser.error(f"--gpus must be >= 2 (one prefill and one decode worker at least), got {args.gpus}")
+    args.shapes = [name.strip() for name in args.shapes.split(",") if name.strip()]
+    unknown = sorted(set(args.shapes) - {"disaggregated", "colocated"})
+    if unknown or not args.shapes:
+        parser.error(f"--shapes takes disaggregated and/or colocated, got {unknown or 'nothing'}")
     folder = args.out / f"pd_{args.what}_{args.gpus}gpu"
     runner = {"ttft": run_ttft, "goodput": run_goodput, "shift": run_shift}[args.what]
     began = time.monotonic()
