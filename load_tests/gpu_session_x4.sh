@@ -38,13 +38,16 @@ if [ "${PD_DRY_RUN:-0}" = 1 ]; then  # CPU, tiny model: the script's logic, not 
   SHIFT4=(--phase-seconds 2 --phase-rate 2 --long-len 256 --long-output 16 --drain-timeout 5 --reuse-cluster)
   KVBENCH=(--device cpu --tokens 16,64 --repeats 2 --layerwise-repeats 1 --variants "")
 else
-  # Workers keep their defaults (64 sequences, 2048-token chunks, CUDA graphs for batch buckets 1..64);
+  # Workers keep their defaults (2048-token chunks, CUDA graphs for every batch bucket they can run), but
+  # goodput --gpus 2 gives every worker of both shapes 128 sequences: at 64 a lone decode worker runs out
+  # of sequences near 12 req/s of this mix (each holds one for ~256 tokens x ~36 ms), measured on two
+  # H200s at 2183028: 64 sequences 10.5-12 vs 13.5-15 req/s, 128 15 vs 15, 256 13.5 vs 13.5.
   # bench_pd raises --max-model-len to fit the workload. Output lengths uniform 128..384 (mean 256, as
   # the default lognormal's) bound each run's drain: 384 tokens at <= 40 ms a token fit the 15 s.
   # Rates from the H100 numbers (README): prefill ~30k tok/s in 2048-token chunks, decode 20-30 ms a step.
   COMMON=(--model ernie-4.5-21b-a3b --device cuda --warmup 4)
-  GOODPUT2=(--start-rate 6 --max-runs 6 --tolerance 0.15 --seconds-per-run 10 --drain-timeout 15)
-  GOODPUT2+=(--output-len uniform:128:384)  # input: the default lognormal:1024:0.8
+  GOODPUT2=(--start-rate 12 --max-runs 5 --tolerance 0.15 --seconds-per-run 10 --drain-timeout 15)
+  GOODPUT2+=(--output-len uniform:128:384 --worker-arg=--max-num-seqs=128)  # input: the default lognormal:1024:0.8
   TTFT2=(--prompt-len 4096 --requests 100)
   # pd2's rates can be set from pd1's results: PD_G4_START ~ 1.5x the 2-GPU goodput; PD_SHIFT_RATE ~ 2.25 /
   # (pd1's colocated median TTFT of a 4096-token prompt, in s): above what 2 prefill workers take, below 3's.

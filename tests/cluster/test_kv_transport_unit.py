@@ -400,9 +400,7 @@ def test_whole_sends_go_in_big_chunks_streams_in_small_ones_through_deep_staging
 
 
 @pytest.mark.parametrize("ops", [GlooOps, PollingGlooOps])
-def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_thread_finishes_it(
-    monkeypatch, ops
-):
+def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_thread_finishes_it(monkeypatch, ops):
     """Header, indices and the chunks with a free staging buffer go out before `send` returns;
     chunks past the staging depth wait for the pair thread. Either way the bits land exactly."""
     from cluster.kv_transport import transfer as transfer_module
