@@ -22,7 +22,7 @@ from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
 from engine.mm_inputs import MultiModalInputError, MultiModalInputs
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, warm_up_token_counts
 from engine.multimodal import MultiModalItem, VisionGeometry, check_items, num_placeholder_tokens
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -48,6 +48,13 @@ def _uses_decode_graphs(
         and expert_parallel is None
         and type(loaded.model).supports_decode_graphs
     )
+
+
+def _warms_up(loaded: LoadedModel, device: torch.device, expert_parallel: ExpertParallel | None) -> bool:
+    """Whether the engine compiles its kernels before serving (`ModelRunner.warm_up`): on CUDA, for
+    text models on one device. An expert-parallel forward needs every rank in step, and the VL
+    model's positions come from its vision inputs; both compile on their first steps instead."""
+    return device.type == "cuda" and expert_parallel is None and not loaded.config.is_multimodal
 
 
 class InvalidRequestError(ValueError):
@@ -111,9 +118,11 @@ class LLMEngine:
             dtype=dtype,
         )
         use_graphs = _uses_decode_graphs(config, loaded, device, expert_parallel)
-        # Under CUDA graphs the pool holds one block more than the block manager hands out: the
-        # scratch block that padded graph rows write into (engine.cuda_graph).
-        self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=num_blocks + int(use_graphs)), device)
+        warm_up = _warms_up(loaded, device, expert_parallel)
+        # Under CUDA graphs, or to warm up, the pool holds one block more than the block manager
+        # hands out: the scratch block that padded graph rows and warm-up forwards write into.
+        scratch = use_graphs or warm_up
+        self.kv_cache = allocate_kv_cache(replace(spec, num_blocks=num_blocks + int(scratch)), device)
         self.block_manager = BlockManager(num_blocks, spec.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, config.max_model_len)
         multimodal = (
@@ -127,6 +136,8 @@ class LLMEngine:
             expert_parallel=expert_parallel,
             multimodal=multimodal,
         )
+        if warm_up:
+            self.runner.warm_up(warm_up_token_counts(config.scheduler.max_num_batched_tokens), num_blocks)
         if use_graphs:
             graphs = DecodeGraphs(
                 loaded.model,

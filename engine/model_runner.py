@@ -25,7 +25,7 @@ One step on the wire, over the EP group (int64 tensors on the group's device):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -170,6 +170,30 @@ class ModelRunner:
             return self.model(inputs.input_ids, inputs.meta, self.kv_cache)
         return self.model(inputs.input_ids, inputs.meta, self.kv_cache, inputs.mm)
 
+    @torch.inference_mode()
+    def warm_up(self, token_counts: Sequence[int], scratch_block: int) -> None:
+        """One eager forward per token count, so every Triton kernel variant a prefill or mixed step
+        can pick is compiled before the first request: a variant first met while serving stalls that
+        step for the length of a compile (~1-2 s with the fused MoE kernel). Each forward is one
+        sequence whose keys and values all go to `scratch_block`, a block no request ever holds."""
+        dev, bs = self.device, self.block_size
+        for num_tokens in token_counts:
+            positions = torch.arange(num_tokens, device=dev)
+            meta = AttentionMetadata(
+                positions=positions,
+                slot_mapping=scratch_block * bs + positions % bs,
+                query_start_loc=[0, num_tokens],
+                seq_lens=[num_tokens],
+                block_tables=torch.full((1, -(-num_tokens // bs)), scratch_block, dtype=torch.long, device=dev),
+                block_size=bs,
+                seq_lens_tensor=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+                max_query_len=num_tokens,
+            )
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=dev), meta, self.kv_cache)
+            self.model.compute_logits(hidden[-1:])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def stop_followers(self) -> None:
         """Rank 0: end every follower's `follower_loop` (idempotent). No step may run afterwards."""
         ep = self._leader_group()
@@ -194,6 +218,21 @@ class ModelRunner:
         if ep is None or not ep.is_leader:
             raise RuntimeError("only rank 0 of an expert-parallel group runs steps; other ranks run follower_loop")
         return ep
+
+
+def warm_up_token_counts(max_num_batched_tokens: int) -> list[int]:
+    """Token counts whose forwards meet every kernel variant a step of at most
+    `max_num_batched_tokens` tokens can pick: each power of two (tuned MoE configs are keyed by
+    the token count's log2, the default ones by its size), a count 3 above each (Triton
+    specialises integer arguments on divisibility by 16), and the budget itself."""
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    counts = {max_num_batched_tokens}
+    power = 1
+    while power <= max_num_batched_tokens:
+        counts.update((power, min(power + 3, max_num_batched_tokens)))
+        power *= 2
+    return sorted(counts)
 
 
 def receive_step(ep: ExpertParallel, block_size: int) -> StepInputs | None:
