@@ -138,6 +138,15 @@ class LLMEngine:
         )
         if warm_up:
             self.runner.warm_up(warm_up_token_counts(config.scheduler.max_num_batched_tokens), num_blocks)
+            from engine.kernels.paged_attention import paged_attention, warm_up_decode_attention
+
+            if loaded.model.backends.attention is paged_attention:
+                warm_up_decode_attention(
+                    self.kv_cache[0],
+                    model_cfg.num_attention_heads,
+                    -(-config.max_model_len // spec.block_size),
+                    num_blocks,
+                )
         if use_graphs:
             graphs = DecodeGraphs(
                 loaded.model,

@@ -195,6 +195,24 @@ def paged_decode_attention(
     return out
 
 
+def warm_up_decode_attention(
+    kv_layer: torch.Tensor, num_q_heads: int, max_blocks: int, scratch_block: int, scale: float = 1.0
+) -> None:
+    """Compile the decode kernels' variants an eager step can pick before serving (a CUDA-graph
+    replay picks only the captured ones). They differ by the split count (1 writes the output
+    itself; the merge kernel is built per power of two of it; Triton specialises integer arguments
+    equal to 1 and multiples of 16) and by the block table's row stride, which in a mixed step is
+    the step's widest table (1, a multiple of 16, or neither). Reads only `scratch_block`."""
+    device, block_size = kv_layer.device, kv_layer.shape[2]
+    splits = sorted({n for k in range(7) for n in (1 << k, (1 << k) + 1)} & set(range(1, MAX_SPLITS + 1)))
+    query = torch.zeros(1, num_q_heads, kv_layer.shape[4], dtype=kv_layer.dtype, device=device)
+    for width in sorted({1, 2, 16, 17} & set(range(1, max_blocks + 1))):
+        table = torch.full((1, width), scratch_block, dtype=torch.long, device=device)
+        seq_lens = torch.tensor([width * block_size], dtype=torch.int32, device=device)
+        for num_splits in splits:
+            paged_decode_attention(query, kv_layer, table, seq_lens, scale, num_splits)
+
+
 # ----------------------------------------------------------------------------------------------
 # the attention backend (the model's AttentionFn)
 # ----------------------------------------------------------------------------------------------
