@@ -315,7 +315,10 @@ class SendPair(Pair):
                 self._current = transfer
             try:
                 with self.host.ops.on_stream(self._stream):
-                    self._reap(block=False)
+                    if self._inflight:
+                        if not self.host.ops.can_poll:
+                            return False  # the pair thread is waiting for those sends (gloo)
+                        self._reap(block=False)
                     chunks = self._chunks(len(transfer.block_ids), whole=True)
                     if self._inflight and self._staging_too_small(chunks, len(transfer.block_ids)):
                         return False  # growing the buffers waits for the sends in flight

@@ -436,7 +436,14 @@ def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_
             sends = [(stage, thread) for stage, thread in stamped[f"t{attempt}"] if stage.startswith("send")]
             assert [stage for stage, _ in sends] == ["send0", "send1", "send2", "send3"]
             assert {thread for _, thread in sends} <= {"MainThread", f"kvt-send-{decode.local.worker_id}"}
-        assert prefill.stats().num_sent == decode.stats().num_received == 4
+        # Back to back, small enough for the caller to post all of each (2 chunks, 2 buffers): the
+        # second comes while the first is on the wire, where gloo cannot poll: it waits its turn.
+        got = [decode.expect(prefill.local, f"b{i}", list(range(8 * i, 8 * i + 8)), 32) for i in range(4)]
+        sent = [prefill.send(decode.local, f"b{i}", list(range(56 - 8 * i, 64 - 8 * i)), 32) for i in range(4)]
+        assert all(f.result(10) for f in sent + got)
+        for i in range(4):
+            assert torch.equal(kv_d[:, :, 8 * i : 8 * i + 8], kv_p[:, :, 56 - 8 * i : 64 - 8 * i])
+        assert prefill.stats().num_sent == decode.stats().num_received == 8
     finally:
         prefill.close()
         decode.close()
