@@ -415,7 +415,7 @@ def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_
     monkeypatch.setattr(transfer_module.Transfer, "mark", mark)
     monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: ops(device, config))
     # 256 bytes per block and layer; 32 blocks make 8 KiB a layer: one layer a chunk, 4 chunks, 2 buffers.
-    config = TransportConfig(chunk_bytes=4096, staging_depth=2, deadline_base_s=5.0, connect_timeout_s=5.0)
+    config = TransportConfig(chunk_bytes=4096, staging_depth=2, deadline_base_s=20.0, connect_timeout_s=20.0)
     kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
     prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
     decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
