@@ -52,7 +52,7 @@ else
   # pd2's rates can be set from pd1's results: PD_G4_START ~ 1.5x the 2-GPU goodput; PD_SHIFT_RATE ~ 2.25 /
   # (pd1's colocated median TTFT of a 4096-token prompt, in s): above what 2 prefill workers take, below 3's.
   GOODPUT4=(--start-rate "${PD_G4_START:-12}" --max-runs 4 --tolerance 0.15 --seconds-per-run 6 --drain-timeout 15)
-  GOODPUT4+=(--output-len uniform:128:384 --client-procs 2)
+  GOODPUT4+=(--output-len uniform:128:384 --client-procs 2 --worker-arg=--max-num-seqs=128)  # as goodput --gpus 2
   SHIFT4=(--phase-seconds 12 --phase-rate "${PD_SHIFT_RATE:-18}" --long-len 4096 --long-output 256)
   SHIFT4+=(--drain-timeout 10 --reuse-cluster)
   KVBENCH=(--device cuda --variants "")

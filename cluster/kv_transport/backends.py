@@ -107,9 +107,9 @@ class CommOps(abc.ABC):
         if event is not None:
             event.synchronize()
 
-    def index_uploader(self, capacity: int) -> IndexUploader:
+    def index_uploader(self) -> IndexUploader:
         """A pair's way of putting block indices where the gather / scatter kernels run."""
-        return IndexUploader(self.device, capacity)
+        return IndexUploader(self.device)
 
 
 class GlooOps(CommOps):
@@ -214,9 +214,8 @@ class IndexUploader:
     (the suspected cause of a goodput regression on two H200s at e6ebffa). CPU indices are used
     as they are."""
 
-    def __init__(self, device: torch.device, capacity: int) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.capacity = capacity
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":

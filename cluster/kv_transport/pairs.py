@@ -133,7 +133,7 @@ class Pair(abc.ABC):
             self._stream = self.host.ops.thread_setup()
             depth = self.host.config.staging_depth
             self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device, depth)
-            self._upload_index = self.host.ops.index_uploader(self.host.rows.shape[1])
+            self._upload_index = self.host.ops.index_uploader()
             self._run()
         except Exception as exc:  # a bug here must not kill the worker: fail this pair's transfers
             log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)

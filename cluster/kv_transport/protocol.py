@@ -14,7 +14,8 @@ never be confused with its previous life:
 
 Pair ranks: the receiver (store host) is rank 0, the sender rank 1, in every generation.
 
-Order of events (S = sender pair thread, R = receiver pair thread; `ctl` is the queue, `pg` the
+Order of events (S = the sender: its pair thread, or for a whole send to an idle pair the caller's
+thread up to the first busy staging buffer; R = receiver pair thread; `ctl` is the queue, `pg` the
 generation's 2-rank process group, `chan` its control channel: one TCP connection, S -> R, of
 length-prefixed frames; payload only ever goes S -> R):
 
