@@ -73,7 +73,7 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_model_len: int | None = 4096
     registry: str = ""  # grpc://ROUTER (embedded store) or redis://host:port; "" = no registry
     metrics_port: int = 0  # /metrics (0: pick a free port)
@@ -462,7 +462,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--registry", default="", help="grpc://ROUTER_HOST:PORT (embedded) or redis://host:port")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0: pick a free one)")

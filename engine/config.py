@@ -521,7 +521,7 @@ class SchedulerConfig:
     """Continuous batching limits: tokens per step (the chunked-prefill budget) and sequences per step."""
 
     max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
 

@@ -85,7 +85,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
+        max_num_seqs: int = 128,
         max_model_len: int | None = None,
         expert_parallel: ExpertParallel | None = None,
         moe_backend: str = "auto",
