@@ -7,7 +7,9 @@ that meets the SLO (DistServe's goodput).
              then bisects between the best passing and the lowest failing rate until they are
              within `tolerance` of each other or `max_runs` is spent; the answer is the highest
              passing rate measured. A run passes when its SLO attainment (requests that
-             completed and met every target, over requests sent) is at least the target.
+             completed and met every target, over requests sent) is at least the target. Run k
+             draws its prompts with seed + k (`fresh_prompts`): none is a prefix-cache hit on
+             an earlier run's.
 
 Every run is bounded in requests and seconds (`RunLimits`), so a search is bounded by
 `max_runs` × (max_duration_s + drain_timeout_s).
@@ -183,6 +185,14 @@ class SearchResult:
         }
 
 
+def fresh_prompts(config: RunConfig, run_index: int) -> RunConfig:
+    """`config` with its workload seed moved on by `run_index`: each run of a search sends prompts
+    of its own, so a server's prefix cache cannot serve a later run the prompts of an earlier one
+    (that made every run after the first cheaper than the load it stood for)."""
+    workload = dataclasses.replace(config.workload, seed=config.workload.seed + run_index)
+    return dataclasses.replace(config, workload=workload)
+
+
 def search(
     config: RunConfig,
     start_rate: float = 1.0,
@@ -197,13 +207,14 @@ def search(
         raise ValueError("search needs an SLO (--slo 'ttft:1000 tpot:50')")
     if not (start_rate > 0 and math.isfinite(start_rate)):
         raise ValueError(f"the search's start rate must be finite and > 0, got {start_rate}")
-    specs = build_specs(config)
     runs: list[RunResult] = []
     good: float | None = None
     bad: float | None = None
 
     def passes(rate: float) -> bool:
-        result = execute(config.at_rate(rate), specs, label=f"search {len(runs) + 1}/{max_runs} rate {rate:.3g}")
+        run_config = fresh_prompts(config.at_rate(rate), len(runs))
+        label = f"search {len(runs) + 1}/{max_runs} rate {rate:.3g}"
+        result = execute(run_config, build_specs(run_config), label=label)
         runs.append(result)
         if on_result is not None:
             on_result(result)

@@ -138,6 +138,26 @@ def test_search_bisects_to_the_highest_passing_rate(monkeypatch):
     assert len(bounded.runs) == 3
 
 
+def test_each_search_run_sends_prompts_of_its_own(monkeypatch):
+    from load_tests import modes
+
+    sent: list[list[tuple[int, ...]]] = []
+
+    def fake_execute(config, specs=None, label=""):
+        sent.append([tuple(spec.prompt) for spec in specs])
+        rate = config.arrival.rate
+        return modes.RunResult({"request_rate": rate, "slo_met": rate <= 3.3}, [], [], [])
+
+    monkeypatch.setattr(modes, "execute", fake_execute)
+    workload = WorkloadConfig("random", 8, LengthDist.parse("16"), LengthDist.parse("4"), seed=5)
+    config = RunConfig(BackendConfig("grpc", "unused:1"), workload=workload, slo=Slo(ttft_ms=100))
+    found = search(config, start_rate=1.0, max_runs=4, tolerance=0.0)
+    assert len(found.runs) == len(sent) == 4
+    assert sent[0] == [tuple(spec.prompt) for spec in modes.build_specs(config)]  # run 1: the seed given
+    prompts = [prompt for run in sent for prompt in run]
+    assert len(set(prompts)) == len(prompts)  # no prompt is sent twice across the runs
+
+
 def test_a_run_writes_every_output_file(steady_server, tmp_path):
     config = RunConfig(
         BackendConfig("grpc", steady_server.grpc_address),
