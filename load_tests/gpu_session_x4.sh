@@ -38,10 +38,11 @@ if [ "${PD_DRY_RUN:-0}" = 1 ]; then  # CPU, tiny model: the script's logic, not 
   SHIFT4=(--phase-seconds 2 --phase-rate 2 --long-len 256 --long-output 16 --drain-timeout 5 --reuse-cluster)
   KVBENCH=(--device cpu --tokens 16,64 --repeats 2 --layerwise-repeats 1 --variants "")
 else
-  # Workers keep their defaults (2048-token chunks, CUDA graphs for every batch bucket they can run), but
-  # goodput --gpus 2 gives every worker of both shapes 128 sequences: at 64 a lone decode worker runs out
-  # of sequences near 12 req/s of this mix (each holds one for ~256 tokens x ~36 ms), measured on two
-  # H200s at 2183028: 64 sequences 10.5-12 vs 13.5-15 req/s, 128 15 vs 15, 256 13.5 vs 13.5.
+  # Workers keep their defaults (2048-token chunks, CUDA graphs for every batch bucket they can run); the
+  # goodput runs name 128 sequences (the default since 9fa4726) so that older commits compare alike: at 64
+  # a lone decode worker runs out of sequences near 12 req/s of this mix (each holds one for ~256 tokens
+  # x ~36 ms), measured on two H200s at 2183028: 64 sequences 10.5-12 vs 13.5-15 req/s, 128 15 vs 15,
+  # 256 13.5 vs 13.5.
   # bench_pd raises --max-model-len to fit the workload. Output lengths uniform 128..384 (mean 256, as
   # the default lognormal's) bound each run's drain: 384 tokens at <= 40 ms a token fit the 15 s.
   # Rates from the H100 numbers (README): prefill ~30k tok/s in 2048-token chunks, decode 20-30 ms a step.
