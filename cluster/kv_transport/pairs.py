@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -313,30 +314,20 @@ class SendPair(Pair):
                 if not self._group_is_fresh():
                     return False
                 self._current = transfer
-            try:
-                with self.host.ops.on_stream(self._stream):
-                    if self._inflight:
-                        if not self.host.ops.can_poll:
-                            return False  # the pair thread is waiting for those sends (gloo)
-                        self._reap(block=False)
-                    chunks = self._chunks(len(transfer.block_ids), whole=True)
-                    if self._inflight and self._staging_too_small(chunks, len(transfer.block_ids)):
-                        return False  # growing the buffers waits for the sends in flight
-                    outgoing = self._begin(transfer, chunks)
-                    if outgoing is not None:
-                        self._post(transfer, outgoing, may_wait=False)
-                        if not outgoing.posted_all:
-                            with self._cv:
-                                self._started = (transfer, outgoing)
-            except CommError as exc:
-                self._fail_group(exc, transfer)
-            except Exception as exc:
-                log.exception("KV transport: sending %s to %s failed", transfer.transfer_id, self.peer.name)
-                self._fail_group(CommError(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}"), transfer)
-            finally:
-                with self._cv:
-                    self._current = None
-                    self._cv.notify()  # the pair thread reaps what went out, or posts the rest
+            with self._sending(transfer), self.host.ops.on_stream(self._stream):
+                if self._inflight:
+                    if not self.host.ops.can_poll:
+                        return False  # the pair thread is waiting for those sends (gloo)
+                    self._reap(block=False)
+                chunks = self._chunks(len(transfer.block_ids), whole=True)
+                if self._inflight and self._staging_too_small(chunks, len(transfer.block_ids)):
+                    return False  # growing the buffers waits for the sends in flight
+                outgoing = self._begin(transfer, chunks)
+                if outgoing is not None:
+                    self._post(transfer, outgoing, may_wait=False)
+                    if not outgoing.posted_all:
+                        with self._cv:
+                            self._started = (transfer, outgoing)
             return True
         finally:
             self._post_lock.release()
@@ -380,26 +371,34 @@ class SendPair(Pair):
     def _run(self) -> None:
         while (item := self._next()) is not None:
             transfer, outgoing = item
-            with self._post_lock:
-                try:
-                    if outgoing is None:
-                        self._ensure_group(transfer)
-                        chunks = self._chunks(len(transfer.block_ids), transfer.whole)
-                        if self._staging_too_small(chunks, len(transfer.block_ids)):
-                            self._reap(block=True)  # nothing in flight may still read the buffers replaced
-                            self._last_post = [None] * len(self._last_post)
-                        outgoing = self._begin(transfer, chunks)
-                    if outgoing is not None:
-                        self._post(transfer, outgoing, may_wait=True)
-                    self._reap(block=not self.host.ops.can_poll)
-                except CommError as exc:
-                    self._fail_group(exc, transfer)
-                except Exception as exc:
-                    log.exception("KV transport: sending %s to %s failed", transfer.transfer_id, self.peer.name)
-                    self._fail_group(CommError(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}"), transfer)
-                finally:
-                    with self._cv:
-                        self._current = None
+            with self._post_lock, self._sending(transfer):
+                if outgoing is None:
+                    self._ensure_group(transfer)
+                    chunks = self._chunks(len(transfer.block_ids), transfer.whole)
+                    if self._staging_too_small(chunks, len(transfer.block_ids)):
+                        self._reap(block=True)  # nothing in flight may still read the buffers replaced
+                        self._last_post = [None] * len(self._last_post)
+                    outgoing = self._begin(transfer, chunks)
+                if outgoing is not None:
+                    self._post(transfer, outgoing, may_wait=True)
+                self._reap(block=not self.host.ops.can_poll)
+
+    @contextlib.contextmanager
+    def _sending(self, transfer: Transfer) -> Iterator[None]:
+        """Work on `transfer` as the current one (either thread, `_post_lock` held): a failure fails
+        the group and what is on it instead of propagating; afterwards the pair thread is woken to
+        reap what went out or post what is left."""
+        try:
+            yield
+        except CommError as exc:
+            self._fail_group(exc, transfer)
+        except Exception as exc:
+            log.exception("KV transport: sending %s to %s failed", transfer.transfer_id, self.peer.name)
+            self._fail_group(CommError(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}"), transfer)
+        finally:
+            with self._cv:
+                self._current = None
+                self._cv.notify()
 
     def _fail_group(self, exc: CommError, transfer: Transfer | None) -> None:
         """The group is unusable: fail what is on it, drop it (and the store link), maybe close."""
