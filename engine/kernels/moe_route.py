@@ -1,14 +1,40 @@
-"""MoE router on Triton: the one-launch twin of `route_ref` (fp32 gate GEMM, softmax, top-k on the
-bias-corrected scores, unbiased weights renormalised). One kernel instead of ~8 torch launches.
+"""MoE router on Triton: the two-launch twin of `route_ref` (fp32 gate GEMM, softmax, top-k on the
+bias-corrected scores, unbiased weights renormalised), instead of ~8 torch launches.
+
+The gate GEMM is split over the hidden size (`_moe_route.py` has the map) so that a decode step's
+few tokens still occupy the whole GPU: with one program per 16 tokens, a token's 40 chunks of H ran
+on one SM, ~115 us a layer at one token on an H100, half of the decode step's GPU time.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
-from engine.kernels._moe_route import _route_kernel
+from engine.kernels._moe_route import _route_logits_kernel, _route_select_kernel
 from engine.kernels.fused_moe import IS_INTERPRETED, SUPPORTED_DTYPES
+
+BLOCK_K = 64  # hidden-size chunk of one dot
+PROGRAMS_PER_SM = 2  # split H until the logits grid fills every SM this many times over
+INTERPRETER_SMS = 2  # the interpreter pays per program: few splits by default
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(num_token_blocks: int, hidden_size: int, max_programs: int) -> tuple[int, int]:
+    """(splits of H, BLOCK_K chunks per split): about `max_programs` programs in all, each split a
+    whole number of chunks, none empty, at least one. From shapes only (CUDA graphs)."""
+    num_chunks = triton.cdiv(hidden_size, BLOCK_K)
+    wanted = max(1, min(num_chunks, max_programs // max(num_token_blocks, 1)))
+    chunks_per_split = triton.cdiv(num_chunks, wanted)
+    return triton.cdiv(num_chunks, chunks_per_split), chunks_per_split
 
 
 def route(
@@ -17,11 +43,13 @@ def route(
     correction_bias: torch.Tensor | None,  # [E] or None
     top_k: int,
     norm_min: float = 1e-12,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (topk_weights [T, K] in hidden's dtype, topk_ids [T, K] int64), like `route_ref`.
 
     Ties between equal scores go to the lower expert id; otherwise the choice equals the
-    reference's up to fp32 rounding of the logits (accumulation order differs).
+    reference's up to fp32 rounding of the logits (accumulation order differs). `splits` caps the
+    splits of H (tests and benchmarks; default: from the GPU's size).
     """
     if hidden.dim() != 2 or hidden.dtype not in SUPPORTED_DTYPES or hidden.stride(-1) != 1:
         raise ValueError(
@@ -54,24 +82,46 @@ def route(
     if num_tokens == 0:
         return weights, ids
     block_t = 16 if num_tokens <= 16 or IS_INTERPRETED else 32
-    _route_kernel[(triton.cdiv(num_tokens, block_t),)](
+    num_token_blocks = triton.cdiv(num_tokens, block_t)
+    if splits is None:
+        max_programs = PROGRAMS_PER_SM * _num_sms(hidden.device)
+    elif isinstance(splits, int) and not isinstance(splits, bool) and splits >= 1:
+        max_programs = splits * num_token_blocks
+    else:
+        raise ValueError(f"splits must be a positive integer, got {splits!r}")
+    split_count, chunks_per_split = num_splits(num_token_blocks, hidden_size, max_programs)
+    e_pow2 = max(16, triton.next_power_of_2(num_experts))
+    partial = torch.empty((split_count, num_tokens, e_pow2), dtype=torch.float32, device=hidden.device)
+    _route_logits_kernel[(num_token_blocks, split_count)](
         hidden,
         gate_weight,
-        correction_bias if correction_bias is not None else weights,
-        weights,
-        ids,
+        partial,
         num_tokens,
         num_experts,
         hidden_size,
         hidden.stride(0),
         gate_weight.stride(0),
+        chunks_per_split,
+        BLOCK_T=block_t,
+        E_POW2=e_pow2,
+        BLOCK_K=BLOCK_K,
+        BF16X3=hidden.dtype == torch.bfloat16 and not IS_INTERPRETED,
+        num_warps=4,
+    )
+    _route_select_kernel[(num_token_blocks,)](
+        partial,
+        correction_bias if correction_bias is not None else partial,
+        weights,
+        ids,
+        num_tokens,
+        num_experts,
+        split_count,
         norm_min,
         TOP_K=top_k,
         K_POW2=triton.next_power_of_2(top_k),
         HAS_BIAS=correction_bias is not None,
         BLOCK_T=block_t,
-        E_POW2=max(16, triton.next_power_of_2(num_experts)),
-        BLOCK_K=64,
+        E_POW2=e_pow2,
         num_warps=4,
     )
     return weights, ids

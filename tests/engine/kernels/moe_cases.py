@@ -195,13 +195,14 @@ def run_route_case(
     dtype: str = "float32",
     device: str = "cpu",
     seed: int = 0,
+    splits: int | None = None,
 ) -> dict[str, Any]:
     """route vs route_ref: ids must match wherever the k-th and (k+1)-th scores are not a near tie."""
     generator = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(num_tokens, hidden_size, generator=generator, device=device).to(getattr(torch, dtype))
     gate = torch.randn(num_experts, hidden_size, generator=generator, device=device) / hidden_size**0.25
     bias = torch.rand(num_experts, generator=generator, device=device) * 0.1 if with_bias else None
-    weights, ids = route(hidden, gate, bias, top_k)
+    weights, ids = route(hidden, gate, bias, top_k, splits=splits)
     ref_weights, ref_ids = route_ref(hidden, gate, bias, top_k)
     # near ties may legitimately pick differently: compare those tokens' sets of scores only
     scores = torch.softmax(hidden.float() @ gate.float().T, dim=-1) + (0 if bias is None else bias)

@@ -228,10 +228,20 @@ def test_align_sorts_every_local_pair_once(interpreter, num_tokens, num_experts,
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "top_k", "hidden_size", "with_bias"),
-    [(1, 8, 1, 64, True), (7, 64, 6, 72, True), (255, 64, 6, 64, False), (1023, 8, 2, 32, True)],
+    ("num_tokens", "num_experts", "top_k", "hidden_size", "with_bias", "splits"),
+    [
+        (1, 8, 1, 64, True, None),
+        (7, 64, 6, 72, True, None),
+        (255, 64, 6, 64, False, None),
+        (1023, 8, 2, 32, True, None),
+        # the gate GEMM split over H: 16 chunks (the last ragged) in the interpreter's default 4
+        # splits; 6 chunks asked for 4 splits (3 of 2 chunks); the real shape in 40 one-chunk splits
+        (1, 64, 6, 1000, True, None),
+        (5, 16, 4, 330, False, 4),
+        (33, 64, 6, 2560, True, 40),
+    ],
 )
-def test_route_matches_reference(interpreter, num_tokens, num_experts, top_k, hidden_size, with_bias):
+def test_route_matches_reference(interpreter, num_tokens, num_experts, top_k, hidden_size, with_bias, splits):
     result = interpreter.call(
         f"{CASES}:run_route_case",
         num_tokens=num_tokens,
@@ -239,6 +249,7 @@ def test_route_matches_reference(interpreter, num_tokens, num_experts, top_k, hi
         top_k=top_k,
         hidden_size=hidden_size,
         with_bias=with_bias,
+        splits=splits,
     )
     assert result["ids_dtype"] == "torch.int64"
     assert result["num_clear"] > 0.9 * num_tokens, result
@@ -248,6 +259,21 @@ def test_route_matches_reference(interpreter, num_tokens, num_experts, top_k, hi
 
 # ----------------------------------------------------------------------------------------------
 # CPU, no kernel launch: input validation and config lookup
+
+
+@pytest.mark.parametrize("hidden_size", [1, 64, 65, 1000, 2560])
+@pytest.mark.parametrize("num_token_blocks", [1, 3, 64, 1000])
+@pytest.mark.parametrize("max_programs", [1, 7, 264])
+def test_route_splits_cover_every_chunk_once(hidden_size, num_token_blocks, max_programs):
+    from engine.kernels.moe_route import BLOCK_K, num_splits
+
+    splits, chunks_per_split = num_splits(num_token_blocks, hidden_size, max_programs)
+    num_chunks = -(-hidden_size // BLOCK_K)
+    assert splits >= 1 and chunks_per_split >= 1
+    assert (splits - 1) * chunks_per_split < num_chunks <= splits * chunks_per_split  # none empty, all covered
+    assert splits == 1 or splits * num_token_blocks <= max_programs
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -476,8 +502,21 @@ def test_gpu_align(num_tokens, block_m):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("num_tokens", [1, 7, 1023])
-def test_gpu_route(num_tokens):
+@pytest.mark.parametrize(
+    ("num_tokens", "dtype", "splits"),
+    [
+        (1, "bfloat16", None),
+        (7, "bfloat16", None),
+        (64, "bfloat16", None),
+        (1023, "bfloat16", None),
+        (4096, "bfloat16", None),
+        (7, "float16", None),
+        (300, "bfloat16", 1),
+        (300, "float32", 7),
+    ],
+)
+def test_gpu_route(num_tokens, dtype, splits):
+    # bf16 takes the three-piece tensor-core path, fp16 and fp32 the fp32 FMA one
     from tests.engine.kernels.moe_cases import run_route_case
 
     result = run_route_case(
@@ -486,8 +525,9 @@ def test_gpu_route(num_tokens):
         top_k=6,
         hidden_size=2560,
         with_bias=True,
-        dtype="bfloat16",
+        dtype=dtype,
         device="cuda",
+        splits=splits,
     )
     assert result["ids_equal"], result
     assert result["max_weight_err"] < 1e-2, result
