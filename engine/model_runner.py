@@ -25,6 +25,7 @@ One step on the wire, over the EP group (int64 tensors on the group's device):
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -91,6 +92,12 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
 
     def prepare(self, output: SchedulerOutput) -> StepInputs:
+        """The step's tensors, built on the host as one int64 buffer and copied to the device in
+        one transfer (separate `torch.tensor(..., device=cuda)` calls cost a synchronous copy
+        each). Per request the host work is O(new tokens + blocks), never O(context):
+
+            host   tokens[T] | positions[T] | slots[T] | seq_lens[S] | sample_rows[R] | table[S*M]
+        """
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -104,38 +111,48 @@ class ModelRunner:
             request = item.request
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
-            tokens.extend(
-                itertools.islice(itertools.chain(request.prompt_token_ids, request.output_token_ids), start, end)
-            )
-            block_ids = request.block_ids
-            for pos in range(start, end):
-                positions.append(pos)
-                slots.append(block_ids[pos // bs] * bs + pos % bs)
+            tokens += _token_range(request.prompt_token_ids, request.output_token_ids, start, end)
+            positions += range(start, end)
+            slots += _slot_range(request.block_ids, bs, start, end)
             starts.append(starts[-1] + item.num_new_tokens)
             seq_lens.append(end)
             if item.samples:
                 sample_rows.append(starts[-1] - 1)
                 sample_ids.append(request.request_id)
                 sampling.append(SamplingRow(request.sampling_params, request.num_output_tokens))
+        num_seqs = len(seq_lens)
         max_blocks = max(-(-n // bs) for n in seq_lens)
-        table = [item.request.block_ids[:max_blocks] for item in output.scheduled]
-        table = [row + [0] * (max_blocks - len(row)) for row in table]
-        dev = self.device
+        host = array("q", tokens)
+        host += array("q", positions)
+        host += array("q", slots)
+        host += array("q", seq_lens)
+        host += array("q", sample_rows)
+        table_at = len(host)
+        host += array("q", bytes(8 * num_seqs * max_blocks))  # zeros: the padding of short rows
+        for row, item in enumerate(output.scheduled):
+            ids = item.request.block_ids[:max_blocks]
+            at = table_at + row * max_blocks
+            host[at : at + len(ids)] = array("q", ids)
+        flat = torch.frombuffer(host, dtype=torch.long).to(self.device)
+        num_tokens = len(tokens)
+        input_ids, positions_t, slots_t, lens_t, rows_t, table_t = flat.split(
+            [num_tokens, num_tokens, num_tokens, num_seqs, len(sample_rows), num_seqs * max_blocks]
+        )
         vl = self.multimodal.prepare(output.scheduled) if self.multimodal is not None else None
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev) if vl is None else vl.positions,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            positions=positions_t if vl is None else vl.positions,
+            slot_mapping=slots_t,
             query_start_loc=starts,
             seq_lens=seq_lens,
-            block_tables=torch.tensor(table, dtype=torch.long, device=dev),
+            block_tables=table_t.view(num_seqs, max_blocks),
             block_size=bs,
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            seq_lens_tensor=lens_t.to(torch.int32),
             max_query_len=max(item.num_new_tokens for item in output.scheduled),
         )
         return StepInputs(
-            input_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
+            input_ids=input_ids,
             meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_rows=rows_t,
             sample_request_ids=tuple(sample_ids),
             sampling=tuple(sampling),
             mm=None if vl is None else vl.batch,
@@ -218,6 +235,29 @@ class ModelRunner:
         if ep is None or not ep.is_leader:
             raise RuntimeError("only rank 0 of an expert-parallel group runs steps; other ranks run follower_loop")
         return ep
+
+
+def _token_range(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
+    """Tokens start..end-1 of prompt + output, without walking the tokens before `start`."""
+    num_prompt = len(prompt)
+    if end <= num_prompt:
+        return prompt[start:end]
+    if start >= num_prompt:
+        return output[start - num_prompt : end - num_prompt]
+    return prompt[start:] + output[: end - num_prompt]
+
+
+def _slot_range(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """The KV slots of positions start..end-1: one `range` per block the positions cross."""
+    slots: list[int] = []
+    pos = start
+    while pos < end:
+        index = pos // block_size
+        stop = min(end, (index + 1) * block_size)
+        offset = (block_ids[index] - index) * block_size  # slot = block_ids[pos // B] * B + pos % B
+        slots += range(offset + pos, offset + stop)
+        pos = stop
+    return slots
 
 
 def warm_up_token_counts(max_num_batched_tokens: int) -> list[int]:

@@ -1,5 +1,6 @@
-"""The model runner's warm-up: which token counts it runs, that it writes only the scratch block,
-and (on a GPU) that serving after it compiles no Triton kernel variant it had not compiled."""
+"""The model runner: the step inputs it builds (tokens and KV slots of any chunk, one host buffer);
+its warm-up: which token counts it runs, that it writes only the scratch block, and (on a GPU) that
+serving after it compiles no Triton kernel variant it had not compiled."""
 
 from __future__ import annotations
 
@@ -10,7 +11,36 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.model_runner import warm_up_token_counts
+from engine.model_runner import _slot_range, _token_range, warm_up_token_counts
+from engine.request import Request
+from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@pytest.mark.parametrize("start", [0, 1, 15, 16, 17, 40, 47, 48])
+@pytest.mark.parametrize("length", [1, 2, 16, 17, 33])
+def test_token_and_slot_ranges_equal_a_walk_over_every_position(start, length):
+    prompt, output = list(range(100, 140)), list(range(900, 920))  # 40 prompt tokens, 20 output
+    block_ids = [7, 3, 11, 0, 5]  # 16-token blocks out of order
+    end = min(start + length, 60)
+    everything = prompt + output
+    assert _token_range(prompt, output, start, end) == everything[start:end]
+    assert _slot_range(block_ids, 16, start, end) == [block_ids[p // 16] * 16 + p % 16 for p in range(start, end)]
+
+
+def test_prepare_lays_out_a_mixed_step_with_padded_block_tables():
+    llm = LLM("tiny", num_kv_blocks=32)
+    runner = llm.engine.runner
+    chunk = Request("chunk", list(range(1, 41)))
+    chunk.block_ids, chunk.num_computed_tokens = [4, 9, 2], 16  # tokens 16..39 of a 40-token prompt
+    decoding = Request("decoding", [5, 6, 7], output_token_ids=[8])
+    decoding.block_ids, decoding.num_computed_tokens = [30], 3
+    inputs = runner.prepare(SchedulerOutput((ScheduledRequest.of(chunk, 24), ScheduledRequest.of(decoding, 1))))
+    assert inputs.input_ids.tolist() == list(range(17, 41)) + [8]
+    assert inputs.meta.positions.tolist() == list(range(16, 40)) + [3]
+    assert inputs.meta.slot_mapping.tolist() == [9 * 16 + i for i in range(16)] + [2 * 16 + i for i in range(8)] + [483]
+    assert inputs.meta.block_tables.tolist() == [[4, 9, 2], [30, 0, 0]]
+    assert inputs.meta.seq_lens_tensor.dtype == torch.int32 and inputs.meta.seq_lens_tensor.tolist() == [40, 4]
+    assert inputs.sample_rows.tolist() == [23, 24] and inputs.sample_request_ids == ("chunk", "decoding")
 
 
 def test_warm_up_counts_cover_each_power_of_two_a_count_off_the_multiples_of_16_and_the_budget():
