@@ -518,17 +518,29 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: tokens per step (the chunked-prefill budget) and sequences per step."""
+    """Continuous batching limits: tokens per step (the chunked-prefill budget) and sequences per step.
+
+    `prefill_max_num_batched_tokens` is the budget while the engine serves the prefill role only
+    (`Scheduler.set_prefill_only`): its steps carry no decode tokens whose inter-token latency a
+    long step would hurt, and bigger steps run the MoE layers at a better rate per token. None: the
+    same budget in every role.
+    """
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True
+    prefill_max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(
             isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens > 0,
             f"max_num_batched_tokens must be a positive integer, got {self.max_num_batched_tokens!r}",
+        )
+        prefill = self.prefill_max_num_batched_tokens
+        _require(
+            prefill is None or (isinstance(prefill, int) and not isinstance(prefill, bool) and prefill > 0),
+            f"prefill_max_num_batched_tokens must be a positive integer or None, got {prefill!r}",
         )
         _require(
             isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0,
@@ -538,6 +550,16 @@ class SchedulerConfig:
             self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
             f"max_model_len must be a positive integer or None, got {self.max_model_len!r}",
         )
+
+    @property
+    def prefill_budget(self) -> int:
+        """Tokens per step in the prefill role."""
+        return self.prefill_max_num_batched_tokens or self.max_num_batched_tokens
+
+    @property
+    def largest_step_tokens(self) -> int:
+        """The most tokens any step may carry, in any role (what the warm-up must cover)."""
+        return max(self.max_num_batched_tokens, self.prefill_budget)
 
 
 @dataclass(frozen=True)

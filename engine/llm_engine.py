@@ -137,7 +137,7 @@ class LLMEngine:
             multimodal=multimodal,
         )
         if warm_up:
-            self.runner.warm_up(warm_up_token_counts(config.scheduler.max_num_batched_tokens), num_blocks)
+            self.runner.warm_up(warm_up_token_counts(config.scheduler.largest_step_tokens), num_blocks)
             from engine.kernels.paged_attention import paged_attention, warm_up_decode_attention
 
             if loaded.model.backends.attention is paged_attention:

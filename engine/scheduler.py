@@ -92,6 +92,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        self.token_budget = config.max_num_batched_tokens  # tokens per step (see set_prefill_only)
+
+    def set_prefill_only(self, prefill_only: bool) -> None:
+        """Whether the engine now serves the prefill role only: its steps may then carry up to
+        `config.prefill_budget` tokens, otherwise `config.max_num_batched_tokens`."""
+        self.token_budget = self.config.prefill_budget if prefill_only else self.config.max_num_batched_tokens
 
     # ----------------------------------------------------------------------------- admission
     def add_request(self, request: Request) -> None:
@@ -121,7 +127,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = self.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 

@@ -1,5 +1,6 @@
 """Control plane with real processes: forced role flips under load, a killed prefill or decode worker,
-and a Redis restart — no request fails and every stream stays token-identical to one engine."""
+and a Redis restart — no request fails and every stream stays token-identical to one engine; a
+prefill worker's token budget follows its role."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.launcher import LocalCluster, Process
+from cluster.launcher import ClusterSpec, LocalCluster, Process
 from cluster.planner import set_role
 from cluster.registry import make_registry
 from engine import LLM, SamplingParams
 from protos.pdserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from router.client import AsyncClient
-from tests.integration.conftest import load_reports, start_cluster, wait_idle
+from tests.integration.conftest import WORKER_ARGS, load_reports, start_cluster, wait_idle
 
 PROMPTS = [[(i * 53 + j * 17) % 280 + 5 for j in range(n)] for i, n in enumerate([6, 40, 19, 70, 3, 25, 51, 12])]
 
@@ -285,5 +286,59 @@ def test_a_draining_worker_reports_not_serving_until_its_switch_commits():
         assert health_pb2.HealthCheckResponse.NOT_SERVING in seen  # while draining
         time.sleep(0.3)
         assert status() == health_pb2.HealthCheckResponse.SERVING  # committed: serving again
+    finally:
+        cluster.stop()
+
+
+def _prefill_steps(cluster: LocalCluster) -> dict[str, float]:
+    """Engine steps that computed prompt tokens so far, per live worker (from its /metrics)."""
+    steps = {}
+    for worker in cluster.workers:
+        url = f"http://{worker.ready['metrics_address']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        steps[worker.name] = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "pdserve_engine_step_duration_seconds_count" and sample.labels.get("kind") == "prefill"
+        )
+    return steps
+
+
+def test_a_prefill_worker_runs_its_own_token_budget_until_it_flips_to_mixed(expected):
+    budgets = ("--max-num-batched-tokens", "16", "--prefill-max-num-batched-tokens", "128")
+    spec = ClusterSpec(num_prefill=1, num_decode=1, router_port=0, worker_args=WORKER_ARGS + budgets)
+    cluster = LocalCluster(spec).__enter__()
+    try:
+
+        async def generate(index: int) -> list[int]:
+            async with AsyncClient(cluster.address, timeout=120) as client:
+                out = await client.generate(PROMPTS[index], max_tokens=8, temperature=0, ignore_eos=True)
+                return out.token_ids
+
+        def prefill_steps_of_one_request(index: int) -> dict[str, float]:
+            before = _prefill_steps(cluster)
+            assert asyncio.run(generate(index)) == expected[8][index]
+            wait_idle(cluster)
+            after = _prefill_steps(cluster)
+            return {name: after[name] - before[name] for name in after}
+
+        prefill = next(w.name for w in cluster.workers if w.name.startswith("prefill"))
+        decode = next(w.name for w in cluster.workers if w.name.startswith("decode"))
+        assert prefill_steps_of_one_request(3) == {prefill: 1, decode: 0}  # 70 tokens: one step under 128
+
+        async def flip() -> worker_pb2.SetRoleResponse:
+            registry = make_registry(cluster.registry_url)
+            try:
+                return await set_role(registry, prefill, "mixed", drain_timeout_s=30)
+            finally:
+                await registry.close()
+
+        assert asyncio.run(flip()).result == worker_pb2.SET_ROLE_RESULT_OK
+        time.sleep(0.6)  # the router syncs from the registry every 0.25 s
+        # No prefill worker left: the decode target (either worker) prefills a new prompt (51 tokens,
+        # nothing of it cached) itself, in chunks of the budget of 16.
+        assert sum(prefill_steps_of_one_request(6).values()) == 4
     finally:
         cluster.stop()

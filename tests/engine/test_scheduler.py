@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pytest
+
 from engine.block_manager import BlockManager
-from engine.config import SchedulerConfig
+from engine.config import ConfigError, SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SampledToken, Scheduler
@@ -50,6 +53,30 @@ def test_decodes_are_scheduled_before_new_prompts_share_the_budget():
     sched.add_request(b)
     out, _ = run_step(sched)
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 9)]
+
+
+def test_prefill_only_steps_take_the_prefill_budget_and_give_it_back():
+    config = SchedulerConfig(max_num_batched_tokens=8, max_model_len=256, prefill_max_num_batched_tokens=32)
+    sched = Scheduler(config, BlockManager(64, 4, False), max_model_len=256)
+    sched.add_request(make_request("a", 20))
+    sched.add_request(make_request("b", 20))
+    sched.set_prefill_only(True)
+    out, _ = run_step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 20), ("b", 12)]
+    sched.set_prefill_only(False)
+    sched.add_request(make_request("c", 20))
+    out, _ = run_step(sched)  # a and b decode one token each, c gets what is left of 8
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 7)]
+    assert SchedulerConfig(max_num_batched_tokens=8).prefill_budget == 8  # None: one budget for every role
+    assert config.largest_step_tokens == 32
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8192"])
+def test_prefill_budget_must_be_a_positive_integer(bad):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"prefill_max_num_batched_tokens must be a positive integer or None, got {bad!r}")
+    ):
+        SchedulerConfig(prefill_max_num_batched_tokens=bad)
 
 
 def test_max_num_seqs_limits_admission():

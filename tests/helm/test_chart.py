@@ -114,6 +114,7 @@ def test_schema_enums_follow_the_engine():
         (["workers.gpusPerPod=3"], "at '/workers/gpusPerPod': value must be one of 1, 2, 4, 8, 16, 32, 64"),
         (["workers.gpusPerPod=128"], "at '/workers/gpusPerPod': value must be one of 1, 2, 4, 8, 16, 32, 64"),
         (["workers.device=tpu"], "at '/workers/device': value must be one of 'cuda', 'cpu'"),
+        (["workers.prefillMaxNumBatchedTokens=0"], "at '/workers/prefillMaxNumBatchedTokens': minimum: got 0, want 1"),
         (["model.source=s3"], "at '/model/source': value must be one of 'preset', 'pvc', 'hostPath', 'url'"),
         (["monitoring.enabled=maybe"], "at '/monitoring/enabled': value must be one of 'auto', true, false"),
         (["preflight.gpus=1"], "at '/preflight/gpus': minimum: got 1, want 2"),
