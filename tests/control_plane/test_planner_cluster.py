@@ -42,12 +42,14 @@ async def phase(address: str, make_prompt, max_tokens: int, seconds: float, conc
 
 def test_workload_shift_flips_a_worker_each_way_without_flapping():
     # Pools big enough that the decode workers admit every long prompt: the queue builds on prefill.
+    # The prefill worker keeps 2048-token steps (its default is 8192): at 8192 this CPU load drains
+    # its queue too fast to hold the planner's threshold for two windows.
     spec = ClusterSpec(
         num_prefill=1,
         num_decode=2,
         router_port=0,
         http_port=0,
-        worker_args=("--num-kv-blocks", "2048", "--max-model-len", "1024"),
+        worker_args=("--num-kv-blocks", "2048", "--max-model-len", "1024", "--prefill-max-num-batched-tokens", "2048"),
         router_args=("--max-model-len", "1024"),
     )
     cluster = LocalCluster(spec).__enter__()
