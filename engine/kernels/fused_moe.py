@@ -52,6 +52,15 @@ _COMBINES = ("sum", "atomic", "fused")
 
 # Under TRITON_INTERPRET=1 the decorator returns an interpreter object instead of a JITFunction.
 IS_INTERPRETED = not isinstance(_gate_up_pairs_kernel, triton.runtime.JITFunction)
+INTERPRETER_SMS = 2  # the interpreter pays per program: kernels that split by SM count split little
+
+
+@functools.lru_cache(maxsize=16)
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (INTERPRETER_SMS off CUDA): what split counts are sized by."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass(frozen=True)

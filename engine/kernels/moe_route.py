@@ -8,24 +8,14 @@ on one SM, ~115 us a layer at one token on an H100, half of the decode step's GP
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 
 from engine.kernels._moe_route import _route_logits_kernel, _route_select_kernel
-from engine.kernels.fused_moe import IS_INTERPRETED, SUPPORTED_DTYPES
+from engine.kernels.fused_moe import IS_INTERPRETED, SUPPORTED_DTYPES, num_sms
 
 BLOCK_K = 64  # hidden-size chunk of one dot
 PROGRAMS_PER_SM = 2  # split H until the logits grid fills every SM this many times over
-INTERPRETER_SMS = 2  # the interpreter pays per program: few splits by default
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def num_splits(num_token_blocks: int, hidden_size: int, max_programs: int) -> tuple[int, int]:
@@ -84,7 +74,7 @@ def route(
     block_t = 16 if num_tokens <= 16 or IS_INTERPRETED else 32
     num_token_blocks = triton.cdiv(num_tokens, block_t)
     if splits is None:
-        max_programs = PROGRAMS_PER_SM * _num_sms(hidden.device)
+        max_programs = PROGRAMS_PER_SM * num_sms(hidden.device)
     elif isinstance(splits, int) and not isinstance(splits, bool) and splits >= 1:
         max_programs = splits * num_token_blocks
     else:

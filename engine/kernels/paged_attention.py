@@ -20,8 +20,6 @@ blocks.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -29,21 +27,13 @@ from torch.nn.attention.bias import causal_lower_right
 
 from engine.attention import AttentionMetadata, gather_kv
 from engine.kernels._paged_attention import _decode_split_kernel, _merge_splits_kernel
-from engine.kernels.fused_moe import IS_INTERPRETED, SUPPORTED_DTYPES
+from engine.kernels.fused_moe import IS_INTERPRETED, SUPPORTED_DTYPES, num_sms
 from engine.kernels.moe_align import ScratchAllocator, empty_scratch
 
 LOG2_E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 64  # below this the merge costs more than the parallelism gains
 PROGRAMS_PER_SM = 2  # split until the grid fills every SM this many times over
-INTERPRETER_SMS = 2  # the interpreter pays per program: few splits by default
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int, num_sms: int) -> int:
@@ -138,7 +128,7 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         num_splits = default_num_splits(
-            num_seqs, num_kv_heads, block_tables.shape[1], block_size, _num_sms(query.device)
+            num_seqs, num_kv_heads, block_tables.shape[1], block_size, num_sms(query.device)
         )
     group = num_q_heads // num_kv_heads
     write_out = num_splits == 1

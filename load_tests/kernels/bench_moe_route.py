@@ -25,8 +25,9 @@ from typing import Any
 import torch
 import triton
 
+from engine.kernels.fused_moe import num_sms
 from engine.kernels.fused_moe_ref import route_ref
-from engine.kernels.moe_route import PROGRAMS_PER_SM, _num_sms, num_splits, route
+from engine.kernels.moe_route import PROGRAMS_PER_SM, num_splits, route
 from load_tests.kernels.bench_fused_moe import DEVICE, DTYPE, graph_ms, measure_peaks, median_ms, run_info
 
 HIDDEN, EXPERTS, TOP_K = 2560, 64, 6
@@ -39,7 +40,7 @@ def bench_one(num_tokens: int, copy_gbps: float) -> dict[str, Any]:
     gate = torch.randn(EXPERTS, HIDDEN, generator=generator, device=DEVICE) / HIDDEN**0.25
     bias = torch.rand(EXPERTS, generator=generator, device=DEVICE) * 0.1
     block_t = 16 if num_tokens <= 16 or DEVICE != "cuda" else 32
-    splits, _ = num_splits(triton.cdiv(num_tokens, block_t), HIDDEN, PROGRAMS_PER_SM * _num_sms(hidden.device))
+    splits, _ = num_splits(triton.cdiv(num_tokens, block_t), HIDDEN, PROGRAMS_PER_SM * num_sms(hidden.device))
     row: dict[str, Any] = {"tokens": num_tokens, "splits": splits}
     row["ms"] = median_ms(lambda: route(hidden, gate, bias, TOP_K))
     row["one_split_ms"] = median_ms(lambda: route(hidden, gate, bias, TOP_K, splits=1))

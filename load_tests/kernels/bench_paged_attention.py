@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from engine.kernels.paged_attention import _num_sms, default_num_splits, paged_attention, paged_decode_attention
+from engine.kernels.fused_moe import num_sms as num_sms_of
+from engine.kernels.paged_attention import default_num_splits, paged_attention, paged_decode_attention
 from engine.kernels.paged_attention_ref import decode_metadata, paged_decode_attention_ref
 from load_tests.kernels.bench_fused_moe import DEVICE, DTYPE, graph_ms, measure_peaks, median_ms, rel_err, run_info
 
@@ -97,7 +98,7 @@ def bench_one(
 ) -> dict[str, Any]:
     problem = Problem(shape, batch, context)
     num_splits = splits or default_num_splits(
-        batch, shape.num_kv_heads, problem.block_tables.shape[1], shape.block_size, _num_sms(torch.device(DEVICE))
+        batch, shape.num_kv_heads, problem.block_tables.shape[1], shape.block_size, num_sms_of(torch.device(DEVICE))
     )
     row: dict[str, Any] = {"batch": batch, "context": context, "num_splits": num_splits}
     row["ms"] = median_ms(lambda: problem.kernel(num_splits))
@@ -165,7 +166,7 @@ def markdown(report: dict[str, Any]) -> str:
 def dry_run(
     shape: AttentionShape, batches: list[int], contexts: list[int], splits: int | None, num_sms: int | None
 ) -> None:
-    num_sms = num_sms or _num_sms(torch.device(DEVICE))
+    num_sms = num_sms or num_sms_of(torch.device(DEVICE))
     print(f"{DEVICE}, {num_sms} SMs for the split heuristic, {shape}, {DTYPE}")
     for context in contexts:
         for batch in batches:
