@@ -340,7 +340,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[s
         f"defaults, {defaults['chunk_mib']} MiB x {defaults['staging_depth']}), and the staged diagnostic "
         "(gather -> send -> scatter on the raw group, no transport machinery) in 1 and 4 chunks:",
         "",
-        "| tokens | " + " | ".join(names) + " | staged 1 | staged 4 |",
+        "| tokens | " + "".join(f"{name} | " for name in names) + "staged 1 | staged 4 |",
         "|---|" + "---|" * (len(names) + 2),
     ]
     for row in rows:
