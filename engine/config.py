@@ -576,11 +576,20 @@ class EngineConfig:
     # to cuda_graph_max_batch sequences (capped by max_num_seqs) are captured.
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # Prefill and mixed steps of up to this many tokens replay their MoE layers from CUDA graphs
+    # (engine.cuda_graph.MoEGraphs; capped by the largest step); 0 keeps those layers eager.
+    moe_graph_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         _require(
             isinstance(self.cuda_graph_max_batch, int) and self.cuda_graph_max_batch >= 1,
             f"cuda_graph_max_batch must be a positive integer, got {self.cuda_graph_max_batch!r}",
+        )
+        _require(
+            isinstance(self.moe_graph_max_tokens, int)
+            and not isinstance(self.moe_graph_max_tokens, bool)
+            and self.moe_graph_max_tokens >= 0,
+            f"moe_graph_max_tokens must be an integer >= 0, got {self.moe_graph_max_tokens!r}",
         )
         _require(
             self.moe_backend in ("auto", "torch", "triton"),

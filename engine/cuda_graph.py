@@ -1,4 +1,5 @@
-"""Decode steps replayed from CUDA graphs; prefill and mixed steps stay eager.
+"""Decode steps replayed from CUDA graphs; prefill and mixed steps stay eager but for their MoE
+layers (`MoEGraphs`, below).
 
 A decode step of a MoE model launches hundreds of small kernels (28 layers of norm, projections,
 RoPE, KV write, attention, routing, the fused experts); at small batches the CPU launching them is
@@ -34,6 +35,7 @@ Not thread-safe: the engine's step thread owns it, like the runner.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +167,80 @@ class DecodeGraphs:
             self.block_tables[num_seqs:batch].fill_(self.scratch_block)
         self.graphs[batch].replay()
         return self.logits[batch][:num_seqs]
+
+
+def moe_token_buckets(max_tokens: int) -> list[int]:
+    """The token counts whose MoE forward is captured, ascending: 16 … 512 by powers of two, then
+    steps of 1.5x / 4/3 (768, 1024, 1536, 2048, …) up to and ending exactly at `max_tokens`."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    sizes, size = [], 16
+    while size < max_tokens:
+        sizes.append(size)
+        size = size * 2 if size < 512 else (size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3)
+    return sizes + [max_tokens]
+
+
+class MoEGraphs:
+    """Prefill and mixed steps stay eager, except for their MoE layers, replayed from CUDA graphs.
+
+    Why: a prefill step of up to ~2048 tokens is host-bound (measured on an H100: 256 tokens 48.7
+    ms wall for 18.2 ms of GPU work; `benchmarks/results/engine_h100_NOTES.md`), and each MoE layer
+    is about fifteen of a layer's ~25 launches (router, expert alignment, grouped GEMMs, weighted
+    sum, shared experts). A MoE layer treats tokens independently and sizes its buffers from
+    shapes only, so it is captured per (layer, token bucket) on static buffers:
+
+        input   [max_tokens, H]: rows 0 .. T-1 the step's tokens, the rest whatever came before
+        output  [max_tokens, H]: written by every graph; a step's rows are copied out at once
+
+    Padding rows compute garbage that no real row reads (routing, experts and the shared MLP are
+    per token); they do add to the layers' routed-token counters, as decode graphs' padding does.
+    Steps of more than `max_tokens` tokens, and the decode graphs' own capture, run the layer
+    eagerly. Not thread-safe: the engine's step thread owns it.
+    """
+
+    def __init__(
+        self, moes: list[nn.Module], hidden_size: int, dtype: torch.dtype, device: torch.device, max_tokens: int
+    ) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.moes = moes
+        self.buckets = moe_token_buckets(max_tokens)
+        self.max_tokens = self.buckets[-1]
+        self.input = torch.zeros(self.max_tokens, hidden_size, dtype=dtype, device=device)
+        self.output = torch.zeros(self.max_tokens, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.device = device
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up every bucket once, then capture every (layer, bucket), largest bucket first, in
+        one memory pool; afterwards each layer's forward replays its graph when it can."""
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for tokens in reversed(self.buckets):
+                self.moes[0].forward_local(self.input[:tokens])
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for tokens in reversed(self.buckets):
+            for index, moe in enumerate(self.moes):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.output[:tokens].copy_(moe.forward_local(self.input[:tokens]))
+                self.graphs[(index, tokens)] = graph
+        torch.cuda.synchronize(self.device)
+        for index, moe in enumerate(self.moes):
+            moe.graphed = functools.partial(self.run, index)
+
+    def run(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Layer `index`'s MoE output for `x` [T, H] from its graph (a new tensor), or None when
+        this step cannot replay (too many tokens, or a graph is being captured)."""
+        num_tokens = x.shape[0]
+        if num_tokens > self.max_tokens or num_tokens == 0 or torch.cuda.is_current_stream_capturing():
+            return None
+        tokens = self.buckets[bisect.bisect_left(self.buckets, num_tokens)]
+        self.input[:num_tokens].copy_(x)
+        self.graphs[(index, tokens)].replay()
+        return self.output[:num_tokens].clone()

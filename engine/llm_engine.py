@@ -18,7 +18,7 @@ import torch
 from engine.backends import model_backends
 from engine.block_manager import BlockManager, BlockStats, KVAllocation
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.cuda_graph import DecodeGraphs
+from engine.cuda_graph import DecodeGraphs, MoEGraphs
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, plan_num_blocks
 from engine.loader import LoadedModel, load_model
 from engine.mm_inputs import MultiModalInputError, MultiModalInputs
@@ -158,6 +158,10 @@ class LLMEngine:
             )
             graphs.capture()
             self.runner.decode_graphs = graphs
+            moe_tokens = min(config.moe_graph_max_tokens, config.scheduler.largest_step_tokens)
+            moes = loaded.model.moe_layers()
+            if moe_tokens > 0 and moes and not model_cfg.is_multimodal:  # VL pools are called per modality
+                MoEGraphs(moes, model_cfg.hidden_size, dtype, device, moe_tokens).capture()
         self.runtime = RuntimeInfo(
             num_kv_blocks=num_blocks,
             block_size=spec.block_size,

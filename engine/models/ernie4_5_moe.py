@@ -202,6 +202,9 @@ class SparseMoE(nn.Module):
         self.route_fn = backends.route
         self.experts_fn = backends.experts
         self.combine: MoECombine | None = None
+        # Set by engine.cuda_graph.MoEGraphs: this layer's output from a CUDA graph, or None when
+        # the step cannot replay one (then the layer runs eagerly).
+        self.graphed: Callable[[Tensor], Tensor | None] | None = None
         # Tokens routed to each expert since start (for expert-load metrics). Updated on device with
         # a scatter-add (no host sync); read only when metrics are scraped.
         self.register_buffer("routed_token_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
@@ -209,6 +212,12 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.combine is not None:
             return self.combine(self, x)
+        if self.graphed is not None and (out := self.graphed(x)) is not None:
+            return out
+        return self.forward_local(x)
+
+    def forward_local(self, x: Tensor) -> Tensor:
+        """`routed + shared`, eagerly (what `forward` computes without expert parallelism)."""
         out = self.routed(x)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

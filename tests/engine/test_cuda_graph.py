@@ -1,5 +1,6 @@
-"""CUDA-graph decode: the buckets, when the engine uses graphs, and (on a GPU) that replayed decode
-gives the same tokens as eager decode, with padding rows that never touch a managed KV block."""
+"""CUDA-graph decode and MoE layers: the buckets, when the engine uses graphs, and (on a GPU) that
+replayed decode and MoE layers give the same tokens as eager ones, with padding rows that never
+touch a managed KV block."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.config import CacheConfig
-from engine.cuda_graph import DecodeGraphs, bucket_sizes
+from engine.config import CacheConfig, EngineConfig
+from engine.cuda_graph import DecodeGraphs, MoEGraphs, bucket_sizes, moe_token_buckets
+from engine.loader import load_model
 
 
 def test_buckets_cover_every_batch_size_up_to_the_maximum():
@@ -24,6 +26,34 @@ def test_graphs_need_a_cuda_kv_cache():
     kv = torch.zeros(1, 2, 4, 16, 1, 8)
     with pytest.raises(ValueError, match="need the KV cache on a CUDA device, got cpu"):
         DecodeGraphs(torch.nn.Identity(), kv, 16, scratch_block=3, max_batch=4, max_blocks_per_seq=4)
+
+
+def test_moe_buckets_double_to_512_then_grow_by_half_steps_and_end_at_the_maximum():
+    assert moe_token_buckets(2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
+    assert moe_token_buckets(8192)[-5:] == [2048, 3072, 4096, 6144, 8192]
+    assert moe_token_buckets(100) == [16, 32, 64, 100] and moe_token_buckets(1) == [1]
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        moe_token_buckets(0)
+
+
+def test_moe_graphs_need_cuda_and_the_engine_validates_their_size():
+    with pytest.raises(ValueError, match="need a CUDA device, got cpu"):
+        MoEGraphs([], 8, torch.float32, torch.device("cpu"), 64)
+    model = load_model("tiny").config
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"moe_graph_max_tokens must be an integer >= 0, got {bad!r}"):
+            EngineConfig(model=model, moe_graph_max_tokens=bad)
+
+
+def test_a_moe_layer_takes_its_graphs_output_and_runs_eagerly_when_there_is_none():
+    moe = load_model("tiny").model.moe_layers()[0]
+    x = torch.randn(5, moe.gate_weight.shape[1])
+    eager = moe(x)
+    replayed = torch.full_like(eager, 7.0)
+    moe.graphed = lambda rows: replayed if rows.shape[0] == 5 else None
+    assert moe(x) is replayed
+    assert torch.equal(moe(x[:3]), moe.forward_local(x[:3]))  # no graph for this step: the layer's own forward
+    torch.testing.assert_close(moe(x[:3]), eager[:3])
 
 
 def test_cpu_engines_run_eagerly_with_no_scratch_block():
@@ -60,6 +90,31 @@ def test_graph_decode_gives_the_eager_tokens(num_prompts):
     graphs.run = counting_run
     assert _greedy(graphed, prompts) == _greedy(eager, prompts)
     assert replays >= 20  # the decode steps replayed graphs; the prefill steps ran eagerly
+
+
+@pytest.mark.gpu
+def test_prefill_steps_replay_moe_graphs_and_give_the_eager_tokens():
+    """Prompts of awkward lengths, alone and batched, some steps past the largest MoE bucket."""
+    prompts = [[(7 * i + 3 * n) % 370 + 5 for i in range(n)] for n in (7, 255, 1000, 1500)]
+    eager = LLM("tiny", device="cuda", num_kv_blocks=512, enforce_eager=True)
+    graphed = LLM("tiny", device="cuda", num_kv_blocks=512)
+    moes = graphed.engine.loaded.model.moe_layers()
+    assert moes and all(moe.graphed is not None for moe in moes)
+    assert all(moe.graphed is None for moe in eager.engine.loaded.model.moe_layers())
+    replays = 0
+    original = moes[0].graphed
+
+    def counting(x):
+        nonlocal replays
+        out = original(x)
+        replays += out is not None
+        return out
+
+    moes[0].graphed = counting
+    assert _greedy(graphed, prompts, max_tokens=8) == _greedy(eager, prompts, max_tokens=8)
+    for prompt in prompts:
+        assert _greedy(graphed, [prompt], max_tokens=4) == _greedy(eager, [prompt], max_tokens=4)
+    assert replays > 0
 
 
 @pytest.mark.gpu
