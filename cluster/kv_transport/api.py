@@ -182,11 +182,16 @@ class TransportConfig:
     expect_timeout_s: float = 120.0
     stream_timeout_s: float = 120.0
     connect_timeout_s: float = 10.0  # building a pair's process group (both sides must show up)
-    chunk_bytes: int = 64 << 20  # payload per send of a whole-prompt transfer; a layer is never split
+    # Payload per send of a whole-prompt transfer; a layer is never split. Each send and its
+    # gather / scatter cost 0.1-0.2 ms of host time on the GPU hosts, as long as 64 MiB takes on
+    # NVLink: with 256 MiB x 3 buffers, bursts of 4096-token transfers ran at 0.87 of raw NCCL on
+    # two H200s, with 64 MiB x 4 at 0.56-0.71 (benchmarks/results/kv_transfer_NOTES.md). The
+    # buffers grow to the largest chunk seen, so a pair holds at most depth x this, per side.
+    chunk_bytes: int = 256 << 20
     # A layer-wise stream sends at most this many layers per chunk, so the part left to send
     # after the prefill's last layer is small (the chunk is also capped by `chunk_bytes`).
     stream_chunk_layers: int = 2
-    staging_depth: int = 4  # staging buffers per pair and side: chunks in flight at once (>= 2)
+    staging_depth: int = 3  # staging buffers per pair and side: chunks in flight at once (>= 2)
     watchdog_interval_s: float = 0.02
     comm_timeout_s: float = 3600.0  # c10d's own watchdog; ours fires long before (it would kill the process)
 

@@ -92,5 +92,9 @@ class StagingBuffers:
         return self._buffers
 
     @property
+    def buffers(self) -> list[torch.Tensor]:
+        return self._buffers
+
+    @property
     def num_words(self) -> int:
         return self._buffers[0].numel() if self._buffers else 0

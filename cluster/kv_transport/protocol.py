@@ -27,9 +27,12 @@ length-prefixed frames; payload only ever goes S -> R):
     per transfer (seq = 0, 1, 2, ... within a generation), on chan:
     S: write Header(gen, seq, transfer id, layers, tokens, blocks, dtype, block size, layout,
        chunks, deadline); then per chunk: [wait for its layers] gather -> send
-    R: read Header; check seq, ids and shapes against its `expect`; per chunk: recv -> scatter
+    R: read Header; check seq, ids and shapes against its `expect`; per chunk: recv -> scatter.
+       R reads the next Header while this transfer's chunks are still arriving and posts its
+       receives as staging buffers free up (a pipeline across transfers, see pairs.py)
     S: write End(gen, seq, ok) right after the last gather is enqueued (ok=False: cancelled,
-       the payload after the cancel is filler); R reads it before the last scatter.
+       the payload after the cancel is filler); R reads it before the last scatter. A transfer's
+       End always comes before the next transfer's Header.
 
 Why a channel of its own: a header through the store costs a store round trip on S and a queue
 wake-up on R (0.3 ms together, measured on H200 hosts: longer than moving 4096 tokens' KV), a

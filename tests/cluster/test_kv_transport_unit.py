@@ -447,3 +447,64 @@ def test_a_whole_send_to_an_idle_pair_starts_on_the_callers_thread_and_the_pair_
     finally:
         prefill.close()
         decode.close()
+
+
+class _GatedRecvOps(PollingGlooOps):
+    """Polling gloo whose receives of the first transfer (tag 1) do not report completion until a
+    receive of the second (tag 2) is posted, or 3 s pass: the receiver must post the next transfer
+    while the current one is still on the wire."""
+
+    def __init__(self, device, config) -> None:
+        super().__init__(device, config)
+        self.log: list[str] = []
+        self.opened = threading.Event()
+
+    def recv(self, group, tensor, tag):
+        self.log.append(f"post{tag}")
+        if tag == 2:
+            self.opened.set()
+        work = super().recv(group, tensor, tag)
+        work.tag, work.posted_at = tag, time.monotonic()
+        return work
+
+    def poll(self, work) -> bool:
+        if getattr(work, "tag", None) == 1 and not self.opened.is_set():
+            return time.monotonic() - work.posted_at > 3.0 and super().poll(work)
+        return super().poll(work)
+
+    def wait(self, work, deadline, is_dead) -> None:
+        if getattr(work, "tag", None) == 1:
+            self.opened.wait(3.0)
+            self.log.append("done1")
+        super().wait(work, deadline, is_dead)
+
+
+def test_the_receiver_posts_the_next_transfer_while_the_last_one_is_still_arriving(monkeypatch):
+    made: list[_GatedRecvOps] = []
+
+    def make_ops(backend, device, config):
+        made.append(_GatedRecvOps(device, config))
+        return made[-1]
+
+    monkeypatch.setattr(dist_module, "make_ops", make_ops)
+    # 256 bytes per block and layer; 8 blocks make 2 KiB a layer: 2 layers a chunk, 2 chunks per transfer.
+    config = TransportConfig(chunk_bytes=4096, staging_depth=4, deadline_base_s=10.0, connect_timeout_s=10.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    receiver_ops = made[1]
+    try:
+        plan = [("first", list(range(8))), ("second", list(range(8, 16))), ("third", list(range(16, 24)))]
+        received = [decode.expect(prefill.local, tid, blocks, 32) for tid, blocks in plan]
+        sent = [prefill.send(decode.local, tid, [63 - b for b in blocks], 32) for tid, blocks in plan]
+        for future in sent + received:
+            future.result(10)
+        for _, blocks in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+        log = [entry for entry in receiver_ops.log if entry != "post0"]  # the group's connect probe
+        # Both chunks of the first transfer, then the second's, all posted before the first landed.
+        assert log.index("post2") < log.index("done1"), log
+        assert log.count("post1") == log.count("post2") == log.count("post3") == 2
+    finally:
+        prefill.close()
+        decode.close()
