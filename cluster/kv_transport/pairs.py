@@ -202,6 +202,15 @@ class Pair(abc.ABC):
         return kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, config.chunk_bytes, max_layers)
 
 
+def _readable(chan: socket.socket) -> bool:
+    """Can `chan` be read without blocking (a frame, or its end)? A broken socket counts as readable."""
+    try:
+        readable, _, _ = select.select([chan], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 def abort_group_async(ops: CommOps, group: Any) -> None:
     """Abort a group off the calling thread (an abort may block inside the library)."""
 
@@ -518,13 +527,7 @@ class SendPair(Pair):
 
     def _channel_closed(self) -> bool:
         """Did the receiver close the channel? (It never writes to it: readable means closed.)"""
-        if self.chan is None:
-            return True
-        try:
-            readable, _, _ = select.select([self.chan], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        return self.chan is None or _readable(self.chan)
 
     def _connect_channel(self, gen: int, local: PeerRef, deadline: float) -> None:
         assert self._pair_store is not None
@@ -991,14 +994,8 @@ class RecvPair(Pair):
         transfer.complete()
 
     def _message_waiting(self) -> bool:
-        """Is a control frame (or the channel's end) ready to read, without blocking?"""
-        if self.chan is None:
-            return False
-        try:
-            readable, _, _ = select.select([self.chan], [], [], 0)
-        except (OSError, ValueError):
-            return True  # reading it raises ChannelClosed
-        return bool(readable)
+        """Is a control frame (or the channel's end: reading it raises ChannelClosed) ready to read?"""
+        return self.chan is not None and _readable(self.chan)
 
     def _await_work(self, work: Any, deadline: float) -> bool:
         """True once `work` completed; False as soon as a control message is waiting instead (its
