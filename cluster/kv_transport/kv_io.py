@@ -57,10 +57,10 @@ def chunk_words(rows: torch.Tensor, layers: tuple[int, int], num_blocks: int) ->
 
 def staging_view(buffer: torch.Tensor, rows: torch.Tensor, layers: tuple[int, int], num_blocks: int) -> torch.Tensor:
     """The front of `buffer` shaped as one chunk `[2 * layers, num_blocks, W]`."""
-    size = chunk_words(rows, layers, num_blocks)
-    if buffer.numel() < size:
-        raise ValueError(f"staging buffer of {buffer.numel()} words is too small for {size}")
-    return buffer[:size].view(2 * (layers[1] - layers[0]), num_blocks, rows.shape[2])
+    num_rows, width = 2 * (layers[1] - layers[0]), rows.shape[2]
+    if buffer.numel() < num_rows * num_blocks * width:
+        raise ValueError(f"staging buffer of {buffer.numel()} words is too small for {num_rows * num_blocks * width}")
+    return buffer.as_strided((num_rows, num_blocks, width), (num_blocks * width, width, 1))  # one call, not two
 
 
 def gather(rows: torch.Tensor, layers: tuple[int, int], block_index: torch.Tensor, out: torch.Tensor) -> None:

@@ -92,6 +92,9 @@ _DEAD_CHECK_S = 0.05  # how often a waiting side checks whether the peer dropped
 # (chunks take ~0.1-0.2 ms on NVLink; a wake-up from a longer sleep would cost as much again).
 _SPIN_S = 0.002
 _MAX_SLEEP_S = 200e-6
+# How long a caller's thread waits for the sender's pair thread to finish host work it does
+# holding the post lock (reaping, posting a queued transfer) before leaving its transfer to the queue.
+_CALLER_WAIT_S = 0.002
 
 
 class PairHost(Protocol):
@@ -143,7 +146,7 @@ class Pair(abc.ABC):
             self._stream = self.host.ops.thread_setup()
             depth = self.host.config.staging_depth
             self._staging = kv_io.StagingBuffers(self.host.rows.dtype, self.host.rows.device, depth)
-            self._upload_index = self.host.ops.index_uploader()
+            self._upload_index = self.host.ops.index_uploader(self._stream)
             self._run()
         except Exception as exc:  # a bug here must not kill the worker: fail this pair's transfers
             log.exception("KV transport %s pair with %s crashed", self.role, self.peer.name)
@@ -264,9 +267,14 @@ class SendPair(Pair):
     index upload, and every gather and send whose staging buffer is free, with no host wait. A
     hand-off to the pair thread costs 0.1-0.3 ms on the GPU hosts, longer than a gather of 4096
     tokens' KV; the pair thread posts what is left (`_started`) and completes the transfer.
-    `_post_lock` is held by whichever thread posts on the group or changes its state (the
-    caller's thread only tries it, and leaves the transfer to the queue when it is taken);
-    lock order: `_post_lock`, then `_cv`.
+    `_post_lock` is held by whichever thread posts on the group or changes its state; lock order:
+    `_post_lock`, then `_cv`. A caller's thread that finds it taken waits for it, briefly
+    (`_CALLER_WAIT_S`), unless the holder is waiting on the peer or on the prefill's compute
+    (`_holder_waits`): then it leaves its transfer to the queue at once. Why wait at all: the
+    pair thread can only run while the caller's thread gives up the GIL, and a caller that
+    queues and goes on with Python work (submitting the next transfers) keeps it for up to the
+    interpreter's switch interval (5 ms). On two H200s a burst of 4096-token sends lost ~1 ms
+    of wire time per burst that way, the pair thread holding the lock while it had no GIL.
     """
 
     role = "send"
@@ -278,6 +286,7 @@ class SendPair(Pair):
         self._current: Transfer | None = None
         self._started: tuple[Transfer, _Outgoing] | None = None  # begun on a caller's thread, chunks left
         self._post_lock = threading.Lock()
+        self._holder_waits = False  # the post lock's holder is waiting on the peer or the compute
         self._inflight: deque[tuple[Transfer, list[_Posted]]] = deque()  # all sent, not yet seen complete
         self._num_posted = 0  # chunks posted on this group: chunk k goes out of staging buffer k % depth
         self._last_post: list[_Posted | None] = [None] * host.config.staging_depth
@@ -315,7 +324,7 @@ class SendPair(Pair):
     def _start_here(self, transfer: Transfer) -> bool:
         """Begin a whole send on the caller's thread if the pair is idle and its group live (see the
         class doc); False leaves it to the queue. Never waits on the peer."""
-        if not self._post_lock.acquire(blocking=False):
+        if not self._take_post_lock():
             return False
         try:
             with self._cv:
@@ -341,6 +350,24 @@ class SendPair(Pair):
             return True
         finally:
             self._post_lock.release()
+
+    def _take_post_lock(self) -> bool:
+        """The post lock for a caller's thread (see the class doc), or False to queue instead."""
+        if self._post_lock.acquire(blocking=False):
+            return True
+        with self._cv:
+            if self._queue or self._started:
+                return False  # it would go behind those anyway
+        return not self._holder_waits and self._post_lock.acquire(timeout=_CALLER_WAIT_S)
+
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Mark a wait on the peer or the compute made while holding the post lock."""
+        self._holder_waits = True
+        try:
+            yield
+        finally:
+            self._holder_waits = False
 
     def _group_is_fresh(self) -> bool:
         """A live group whose receiver cannot have dropped it unnoticed (`_ensure_group` would not check)."""
@@ -383,7 +410,8 @@ class SendPair(Pair):
             transfer, outgoing = item
             with self._post_lock, self._sending(transfer):
                 if outgoing is None:
-                    self._ensure_group(transfer)
+                    with self._waiting():
+                        self._ensure_group(transfer)
                     chunks = self._chunks(len(transfer.block_ids), transfer.whole)
                     if self._staging_too_small(chunks, len(transfer.block_ids)):
                         self._reap(block=True)  # nothing in flight may still read the buffers replaced
@@ -444,7 +472,11 @@ class SendPair(Pair):
                     continue
                 if not block and not ops.poll(post.work):
                     return
-                ops.wait(post.work, transfer.deadline, self._is_dead)
+                if block:
+                    with self._waiting():
+                        ops.wait(post.work, transfer.deadline, self._is_dead)
+                else:
+                    ops.wait(post.work, transfer.deadline, self._is_dead)  # done: returns at once
                 post.done = True
             with self._cv:
                 self._inflight.popleft()
@@ -591,16 +623,18 @@ class SendPair(Pair):
             if previous is not None and not previous.done:  # host-confirmed: no gather waits on the wire
                 if not may_wait and not (ops.can_poll and ops.poll(previous.work)):
                     return
-                ops.wait(previous.work, transfer.deadline, self._is_dead)
+                with self._waiting():
+                    ops.wait(previous.work, transfer.deadline, self._is_dead)
                 previous.done = True
-            events = self._wait_layers(transfer, chunk)
+            with self._waiting():
+                events = self._wait_layers(transfer, chunk)
             view = kv_io.staging_view(out.buffers[slot], rows, chunk, num_blocks)
             with transfer.lock:
                 gathered = transfer.state is State.ACTIVE and events is not None
                 if gathered:
-                    ops.wait_events(events)
+                    ops.wait_events(events, self._stream)
                     kv_io.gather(rows, chunk, out.index, view)
-                    transfer.last_event = ops.record()
+                    transfer.last_event = ops.record(self._stream)
             out.all_gathered &= gathered  # after a cancel the rest is filler; End(ok=False) says so
             transfer.mark(f"gather{i}")
             if i == len(out.chunks) - 1:
@@ -972,7 +1006,7 @@ class RecvPair(Pair):
             with transfer.lock:
                 if transfer.state is State.ACTIVE and (head.end_ok or not last):
                     kv_io.scatter(self.host.rows, head.chunks[i], head.index, view)
-                    transfer.last_event = self.host.ops.record()
+                    transfer.last_event = self.host.ops.record(self._stream)
             transfer.future.num_layers_done = head.chunks[i][1]
             transfer.mark(f"scatter{i}")
         if last:

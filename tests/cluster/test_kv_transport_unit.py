@@ -508,3 +508,117 @@ def test_the_receiver_posts_the_next_transfer_while_the_last_one_is_still_arrivi
     finally:
         prefill.close()
         decode.close()
+
+
+class _SlowReapOps(PollingGlooOps):
+    """Polling gloo whose sends of one tag report completion only once released, and whose polls on
+    the sender's pair thread take 1 ms (host work done holding the post lock)."""
+
+    def __init__(self, device, config) -> None:
+        super().__init__(device, config)
+        self.gated_tag = -1
+        self.release = threading.Event()
+        self.pair_polling = threading.Event()  # set while the pair thread is inside a poll
+
+    def send(self, group, tensor, tag):
+        work = super().send(group, tensor, tag)
+        work.tag = tag
+        return work
+
+    def poll(self, work) -> bool:
+        on_pair = threading.current_thread().name.startswith("kvt-send")
+        if on_pair:
+            self.pair_polling.set()
+            time.sleep(0.001)
+            self.pair_polling.clear()
+        if getattr(work, "tag", None) == self.gated_tag and not self.release.is_set():
+            return False
+        return super().poll(work)
+
+    def wait(self, work, deadline, is_dead) -> None:
+        if getattr(work, "tag", None) == self.gated_tag:
+            self.release.wait(max(0.0, deadline - time.monotonic()))
+        super().wait(work, deadline, is_dead)
+
+
+def _two_polling_transports(monkeypatch, ops_type):
+    made = []
+
+    def make_ops(backend, device, config):
+        made.append(ops_type(device, config))
+        return made[-1]
+
+    monkeypatch.setattr(dist_module, "make_ops", make_ops)
+    config = TransportConfig(chunk_bytes=1 << 20, deadline_base_s=20.0, connect_timeout_s=20.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    return prefill, decode, kv_p, kv_d, made[0]
+
+
+def test_a_caller_waits_out_the_pair_threads_host_work_and_sends_on_its_own_thread(monkeypatch):
+    """The pair thread holds the post lock while it reaps (here: 1 ms per poll). A whole send that
+    arrives then waits for the lock instead of queueing behind a thread that, in Python, cannot run
+    until the caller blocks."""
+    from cluster.kv_transport import transfer as transfer_module
+
+    threads: dict[str, str] = {}
+    real_mark = transfer_module.Transfer.mark
+
+    def mark(self, stage):
+        if stage == "start":
+            threads[self.transfer_id] = threading.current_thread().name
+        real_mark(self, stage)
+
+    monkeypatch.setattr(transfer_module.Transfer, "mark", mark)
+    prefill, decode, kv_p, kv_d, sender_ops = _two_polling_transports(monkeypatch, _SlowReapOps)
+    try:
+        warm = decode.expect(prefill.local, "warm", [0], 1)  # builds the group (seq 0, tag 1)
+        assert prefill.send(decode.local, "warm", [1], 1).result(10) and warm.result(10)
+        plan = [("first", list(range(0, 8))), ("second", list(range(8, 16)))]
+        got = [decode.expect(prefill.local, tid, blocks, 32) for tid, blocks in plan]
+        sender_ops.gated_tag = 2  # "first" goes as seq 1
+        first = prefill.send(decode.local, "first", [63 - b for b in plan[0][1]], 32)
+        assert sender_ops.pair_polling.wait(5), "the pair thread never reaped the gated send"
+        sender_ops.pair_polling.clear()
+        assert sender_ops.pair_polling.wait(5)  # it is inside a poll now, holding the post lock
+        second = prefill.send(decode.local, "second", [63 - b for b in plan[1][1]], 32)
+        sender_ops.release.set()
+        assert all(f.result(10) for f in [first, second, *got])
+        for _, blocks in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+        assert threads["second"] == "MainThread", threads
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_caller_never_waits_for_a_lock_held_across_a_wait_for_the_compute(monkeypatch):
+    """A layer-wise stream whose layers are not written yet holds the pair thread (and the post
+    lock) in a wait for the compute; a whole send behind it is queued at once, not after it."""
+    from cluster.kv_transport import pairs
+
+    monkeypatch.setattr(pairs, "_CALLER_WAIT_S", 5.0)  # a caller that waited would stall 5 s
+    prefill, decode, kv_p, kv_d, _ = _two_polling_transports(monkeypatch, PollingGlooOps)
+    try:
+        warm = decode.expect(prefill.local, "warm", [0], 1)
+        assert prefill.send(decode.local, "warm", [1], 1).result(10) and warm.result(10)
+        plan = [("stream", list(range(0, 8))), ("whole", list(range(8, 16)))]
+        got = [decode.expect(prefill.local, tid, blocks, 32) for tid, blocks in plan]
+        stream = prefill.open_send(decode.local, "stream", [63 - b for b in plan[0][1]], 32)
+        pair = prefill._send_pairs[decode.local.worker_id]
+        deadline = time.monotonic() + 5
+        while not pair._holder_waits and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert pair._holder_waits, "the pair thread never waited for the stream's layers"
+        start = time.monotonic()
+        whole = prefill.send(decode.local, "whole", [63 - b for b in plan[1][1]], 32)
+        assert time.monotonic() - start < 1.0
+        for layer in range(4):
+            stream.layer_ready(layer)
+        assert all(f.result(10) for f in [stream.finish(), whole, *got])
+        for _, blocks in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+    finally:
+        prefill.close()
+        decode.close()
