@@ -227,7 +227,7 @@ class IndexUploader:
     the caller's thread inside `on_stream`)."""
 
     NUM_SLOTS = 16
-    MIN_IDS = 1024  # a row's first size; rows grow (all at once) to the next power of two
+    MIN_IDS = 4096  # a row's first size (65536 tokens in blocks of 16); rows grow to the next power of two
 
     def __init__(self, device: torch.device, stream: Any = None) -> None:
         self.device = device
