@@ -62,9 +62,12 @@ def test_pending_kernels_read_the_ids_they_were_issued_with(stream):
     table = torch.arange(100_000, device="cuda") * 3 + 1
     expected, results, slowest = [], [], 0.0
     with torch.cuda.stream(stream):
-        upload(_ids(rng, 64))  # the ring's first rows, and pinned blocks the host allocator keeps for
+        # Warm up what waits for the device the first time: loading the gather's kernel (lazy module
+        # loading), the ring's first rows, and pinned blocks for the fallback (allocating pinned
+        # memory may wait, reusing the host allocator's blocks does not).
+        table.index_select(0, upload(_ids(rng, 64)))
         warm = [torch.empty(64, dtype=torch.int64, pin_memory=True) for _ in range(4 * IndexUploader.NUM_SLOTS)]
-        del warm  # the fallback: allocating pinned memory may wait for the device, reusing it does not
+        del warm
         torch.cuda.synchronize()
         for _ in range(SPINS):
             torch.cuda._sleep(SPIN_CYCLES)
