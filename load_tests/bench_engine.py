@@ -15,7 +15,9 @@ decode   For each (batch B, context C) that fits the KV pool: B requests whose C
          baseline. The floor is bytes / measured HBM bandwidth, where bytes = every weight a
          step reads (all non-expert weights, the tied embedding once as the LM head, and the
          routed experts the step's tokens actually chose, counted per layer from the MoE
-         layers' routed-token counters) + the KV cache read by attention. Bandwidth is a
+         layers' routed-token counters over as many untimed steps run with no CUDA graph at
+         all: a graph replays a padded token bucket, and its padding rows are routed and counted
+         like real tokens) + the KV cache read by attention. Bandwidth is a
          device-to-device copy of 2 GiB measured in the same run.
 prefill  One prompt of P random tokens, timed from submission to its first token (all its
          chunks under the engine's token budget). MFU = model FLOPs / time / peak, where model
@@ -170,6 +172,23 @@ def time_steps(engine: LLMEngine, num_steps: int) -> tuple[list[float], list[int
     return times, touched
 
 
+def count_touched_experts(engine: LLMEngine, num_steps: int) -> list[int]:
+    """The routed experts each of `num_steps` steps touched, run with every CUDA graph off (decode
+    graphs and the MoE layers' per-bucket graphs): a graph computes a padded token bucket, and
+    its padding rows are routed, and counted, like real tokens."""
+    moes = engine.loaded.model.moe_layers()
+    saved_graphs, saved_moe = engine.runner.decode_graphs, [moe.graphed for moe in moes]
+    engine.runner.decode_graphs = None
+    for moe in moes:
+        moe.graphed = None
+    try:
+        return time_steps(engine, num_steps)[1]
+    finally:
+        engine.runner.decode_graphs = saved_graphs
+        for moe, graphed in zip(moes, saved_moe, strict=True):
+            moe.graphed = graphed
+
+
 def shared_engine(args: argparse.Namespace) -> LLMEngine:
     """One engine for both benchmarks (the 21B preset takes a while to build): room for the
     largest batch, the longest context and the longest prompt."""
@@ -215,10 +234,10 @@ def bench_decode(args: argparse.Namespace, engine: LLMEngine) -> dict[str, Any]:
                     continue
                 engine.runner.decode_graphs = graphs if mode == "graph" else None
                 time_steps(engine, 3)
-                times, touched = time_steps(engine, args.steps)
+                times, _ = time_steps(engine, args.steps)
                 row[f"{mode}_ms"] = statistics.median(times) * 1e3
-                row["experts_touched_per_step"] = statistics.mean(touched)
             engine.runner.decode_graphs = graphs
+            row["experts_touched_per_step"] = statistics.mean(count_touched_experts(engine, args.steps))
             mean_context = context + 3 + args.steps  # the KV a timed step reads, mid-run
             bytes_read = weights.non_expert + row["experts_touched_per_step"] * weights.per_expert
             bytes_read += batch * mean_context * kv_bytes_per_token
