@@ -16,8 +16,10 @@ gathers K chunks ahead, so the wire never waits for a host round trip while K > 
 Slots are counted across transfers on both sides: the sender starts the next transfer while the
 last one's sends are on the wire, and the receiver reads the next header and posts its receives
 while the last transfer's chunks are still arriving (`RecvPair._post_ready`). Back-to-back
-transfers to one receiver therefore leave the link no gap: on two H200s, bursts of 4096-token
-transfers ran at ~0.87 of raw NCCL, against 0.56-0.71 with one transfer at a time.
+transfers to one receiver leave the link no gap of the protocol's making; what is left is host
+time. On two H200s, bursts of 8192-token (and longer) transfers ran at 0.85-0.91 of raw NCCL and
+4096-token ones at 0.74-0.87, where each costs ~0.5 ms of Python a side against 0.65 ms on the
+wire (benchmarks/results/kv_transfer_NOTES.md).
 Chunks: a whole-prompt transfer is cut into `config.chunk_bytes` pieces; a layer-wise stream
 into at most `config.stream_chunk_layers` layers, so little is left to send when the prefill's
 last layer is done.
