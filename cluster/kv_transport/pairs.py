@@ -474,11 +474,8 @@ class SendPair(Pair):
                     continue
                 if not block and not ops.poll(post.work):
                     return
-                if block:
-                    with self._waiting():
-                        ops.wait(post.work, transfer.deadline, self._is_dead)
-                else:
-                    ops.wait(post.work, transfer.deadline, self._is_dead)  # done: returns at once
+                with self._waiting() if block else contextlib.nullcontext():  # else done: no wait
+                    ops.wait(post.work, transfer.deadline, self._is_dead)
                 post.done = True
             with self._cv:
                 self._inflight.popleft()
