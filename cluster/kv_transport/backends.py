@@ -194,7 +194,7 @@ class NcclOps(CommOps):
         return stream
 
     def on_stream(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
-        return torch.cuda.stream(stream)
+        return _OnStream(stream)
 
     # The pair's stream is passed in: looking up the current one costs ~10 us of host time per call
     # on the H200 hosts, and a transfer makes several such calls on its path to the wire.
@@ -206,6 +206,34 @@ class NcclOps(CommOps):
     def wait_events(self, events: Sequence[Any], stream: Any) -> None:
         for event in events:
             stream.wait_event(event)
+
+
+class _OnStream:
+    """`torch.cuda.stream(stream)` without its device bookkeeping: two host calls in, one out.
+
+    A whole send to an idle pair switches the caller's thread to the pair's stream once per
+    transfer; the public context manager costs several Python-level calls more (current device,
+    a `Stream` object for the previous stream, device comparisons) on that path to the wire.
+    Sets and restores the current stream of `stream`'s own device, whatever the thread's device.
+    """
+
+    __slots__ = ("_previous", "_stream")
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self._stream = stream
+        self._previous: tuple[int, int, int] | None = None
+
+    def __enter__(self) -> None:
+        stream = self._stream
+        self._previous = torch._C._cuda_getCurrentStream(stream.device_index)
+        torch._C._cuda_setStream(
+            stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
+        )
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._previous is not None
+        stream_id, device_index, device_type = self._previous
+        torch._C._cuda_setStream(stream_id=stream_id, device_index=device_index, device_type=device_type)
 
 
 class IndexUploader:

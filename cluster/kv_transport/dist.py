@@ -13,7 +13,6 @@ transport's deadlines (seconds) always act first.
 
 from __future__ import annotations
 
-import array
 import datetime
 import logging
 import threading
@@ -116,7 +115,7 @@ class DistTransport(KVTransport):
             self._final,
             whole=whole,
         )
-        transfer.index = _index_tensor(blocks)
+        transfer.index = torch.from_numpy(blocks)  # (shares the array: no copy on the path to the wire)
         stream = _Stream(self, transfer)
         if whole:  # every layer is written: say so before the pair thread picks it up
             stream.finish()
@@ -151,7 +150,7 @@ class DistTransport(KVTransport):
             deadline,
             self._final,
         )
-        transfer.index = _index_tensor(blocks)
+        transfer.index = torch.from_numpy(blocks)  # (shares the array: no copy on the path to the wire)
         with self._lock:
             self._admit(transfer)
             arrived_early = transfer_id in self._orphans
@@ -277,12 +276,6 @@ class DistTransport(KVTransport):
                 waited = "on the wire" if state is State.ACTIVE else "before it started"
                 if transfer.fail(FailureReason.TIMEOUT, f"deadline passed {waited}") and abort is not None:
                     abort()
-
-
-def _index_tensor(blocks: tuple[int, ...]) -> torch.Tensor:
-    """Block ids as an int64 CPU tensor, through a typed array: ~3x quicker than `torch.tensor` on
-    a tuple (2048 ids: ~40 vs ~140 us here), and it is on the caller's path to the first send."""
-    return torch.frombuffer(array.array("q", blocks), dtype=torch.int64)
 
 
 class _Stream(SendStream):

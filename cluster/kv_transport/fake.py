@@ -274,7 +274,7 @@ class FakeTransport(KVTransport):
             return [t for _, t in self._mine.values()]
 
     def _new(
-        self, direction: Direction, key: _Key, peer: PeerRef, blocks: tuple[int, ...], num_tokens: int, deadline: float
+        self, direction: Direction, key: _Key, peer: PeerRef, blocks: Sequence[int], num_tokens: int, deadline: float
     ) -> Transfer:
         if self._closed:
             raise RuntimeError("KV transport is closed")

@@ -63,14 +63,20 @@ def staging_view(buffer: torch.Tensor, rows: torch.Tensor, layers: tuple[int, in
     return buffer.as_strided((num_rows, num_blocks, width), (num_blocks * width, width, 1))  # one call, not two
 
 
+def _layer_rows(rows: torch.Tensor, layers: tuple[int, int]) -> torch.Tensor:
+    """rows[2 * layers] (every layer, as a whole-prompt chunk usually is: no slicing call)."""
+    start, end = 2 * layers[0], 2 * layers[1]
+    return rows if start == 0 and end == rows.shape[0] else rows[start:end]
+
+
 def gather(rows: torch.Tensor, layers: tuple[int, int], block_index: torch.Tensor, out: torch.Tensor) -> None:
     """out[2 * layers, len(block_index), W] <- rows[layers, block_index] (one kernel)."""
-    torch.index_select(rows[2 * layers[0] : 2 * layers[1]], 1, block_index, out=out)
+    torch.index_select(_layer_rows(rows, layers), 1, block_index, out=out)
 
 
 def scatter(rows: torch.Tensor, layers: tuple[int, int], block_index: torch.Tensor, src: torch.Tensor) -> None:
     """rows[layers, block_index] <- src (one kernel)."""
-    rows[2 * layers[0] : 2 * layers[1]].index_copy_(1, block_index, src)
+    _layer_rows(rows, layers).index_copy_(1, block_index, src)
 
 
 class StagingBuffers:

@@ -88,7 +88,12 @@ _IDLE_CLOSE_S = 600.0
 # fails retryably and the pair rebuilds.
 _RECHECK_IDLE_S = 5.0
 _TAG_LIMIT = 1 << 30
-_POLL_S = 200e-6  # how often an idle sender polls its in-flight sends (NCCL)
+# How often a sender with sends in flight polls them (NCCL): first every _POLL_S, backing off to
+# _MAX_POLL_S while none completes. Each wake-up takes the GIL from the caller's thread, which on
+# a burst is posting the next transfers: at a fixed 200 us, a 4096-token burst's caller lost
+# ~30 wake-ups' worth of host time. A completion noticed late only frees the sender's blocks later.
+_POLL_S = 200e-6
+_MAX_POLL_S = 0.001
 _DEAD_CHECK_S = 0.05  # how often a waiting side checks whether the peer dropped the group
 # A receiver waiting for a chunk polls without sleeping this long, then backs off to _MAX_SLEEP_S
 # (chunks take ~0.1-0.2 ms on NVLink; a wake-up from a longer sleep would cost as much again).
@@ -289,6 +294,7 @@ class SendPair(Pair):
         self._started: tuple[Transfer, _Outgoing] | None = None  # begun on a caller's thread, chunks left
         self._post_lock = threading.Lock()
         self._holder_waits = False  # the post lock's holder is waiting on the peer or the compute
+        self._parked = False  # the pair thread waits for a transfer with nothing in flight to poll
         self._inflight: deque[tuple[Transfer, list[_Posted]]] = deque()  # all sent, not yet seen complete
         self._num_posted = 0  # chunks posted on this group: chunk k goes out of staging buffer k % depth
         self._last_post: list[_Posted | None] = [None] * host.config.staging_depth
@@ -336,10 +342,8 @@ class SendPair(Pair):
                     return False
                 self._current = transfer
             with self._sending(transfer), self.host.ops.on_stream(self._stream):
-                if self._inflight:
-                    if not self.host.ops.can_poll:
-                        return False  # the pair thread is waiting for those sends (gloo)
-                    self._reap(block=False)
+                if self._inflight and not self.host.ops.can_poll:
+                    return False  # the pair thread is waiting for those sends (gloo)
                 chunks = self._chunks(len(transfer.block_ids), whole=True)
                 if self._inflight and self._staging_too_small(chunks, len(transfer.block_ids)):
                     return False  # growing the buffers waits for the sends in flight
@@ -349,6 +353,9 @@ class SendPair(Pair):
                     if not outgoing.posted_all:
                         with self._cv:
                             self._started = (transfer, outgoing)
+                            self._cv.notify()
+                if self.host.ops.can_poll:
+                    self._reap(block=False)  # after posting: the wire first, finished transfers after
             return True
         finally:
             self._post_lock.release()
@@ -382,6 +389,7 @@ class SendPair(Pair):
         in-flight ones as their sends complete."""
         next_dead_check = time.monotonic() + _DEAD_CHECK_S
         can_poll = self.host.ops.can_poll
+        poll_s = _POLL_S
         while True:
             with self._cv:
                 if self._started is not None:
@@ -396,16 +404,26 @@ class SendPair(Pair):
                     self._current = self._queue.popleft()
                     return self._current, None
                 if not self._inflight:
+                    self._parked = True
                     self._cv.wait()
+                    self._parked = False
+                    poll_s = _POLL_S
                     continue
                 if can_poll:
-                    self._cv.wait(_POLL_S)  # woken early by a new transfer
-            with self._post_lock:
+                    self._cv.wait(poll_s)  # woken early by a new transfer
+            # Polling never queues behind a caller's thread that is posting: it reaps on its way.
+            if not self._post_lock.acquire(blocking=not can_poll):
+                continue
+            try:
+                num_inflight = len(self._inflight)
                 self._reap_or_fail(block=not can_poll)
+                poll_s = _POLL_S if len(self._inflight) < num_inflight else min(2 * poll_s, _MAX_POLL_S)
                 if self._inflight and time.monotonic() >= next_dead_check:
                     next_dead_check = time.monotonic() + _DEAD_CHECK_S
                     if self._is_dead():
                         self._fail_group(CommError(FailureReason.PEER_GONE, "the receiver dropped the group"), None)
+            finally:
+                self._post_lock.release()
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
@@ -426,8 +444,8 @@ class SendPair(Pair):
     @contextlib.contextmanager
     def _sending(self, transfer: Transfer) -> Iterator[None]:
         """Work on `transfer` as the current one (either thread, `_post_lock` held): a failure fails
-        the group and what is on it instead of propagating; afterwards the pair thread is woken to
-        reap what went out or post what is left."""
+        the group and what is on it instead of propagating. (Whoever leaves work for the pair
+        thread wakes it: `_start_here` for chunks left, `_post` for sends to reap.)"""
         try:
             yield
         except CommError as exc:
@@ -438,7 +456,6 @@ class SendPair(Pair):
         finally:
             with self._cv:
                 self._current = None
-                self._cv.notify()
 
     def _fail_group(self, exc: CommError, transfer: Transfer | None) -> None:
         """The group is unusable: fail what is on it, drop it (and the store link), maybe close."""
@@ -636,11 +653,11 @@ class SendPair(Pair):
                     transfer.last_event = ops.record(self._stream)
             out.all_gathered &= gathered  # after a cancel the rest is filler; End(ok=False) says so
             transfer.mark(f"gather{i}")
-            if i == len(out.chunks) - 1:
-                self._push(End(self.gen, out.seq, out.all_gathered))
-                transfer.mark("end")
             post = _Posted(ops.send(group, view, out.tag))
             transfer.mark(f"send{i}")
+            if i == len(out.chunks) - 1:  # (after the send: a frame lands long before a chunk does)
+                self._push(End(self.gen, out.seq, out.all_gathered))
+                transfer.mark("end")
             self._last_post[slot] = post
             self._num_posted += 1
             out.posts.append(post)
@@ -648,6 +665,8 @@ class SendPair(Pair):
             transfer.future.num_layers_done = chunk[1]
         with self._cv:
             self._inflight.append((transfer, out.posts))
+            if self._parked:  # (a caller's thread posted it: the pair thread must start polling)
+                self._cv.notify()
 
     def _wait_layers(self, transfer: Transfer, chunk: tuple[int, int]) -> list[Any] | None:
         """The chunk's layer events once ready (None: cancelled), resolving earlier transfers meanwhile."""

@@ -30,7 +30,7 @@ length-prefixed frames; payload only ever goes S -> R):
     R: read Header; check seq, ids and shapes against its `expect`; per chunk: recv -> scatter.
        R reads the next Header while this transfer's chunks are still arriving and posts its
        receives as staging buffers free up (a pipeline across transfers, see pairs.py)
-    S: write End(gen, seq, ok) right after the last gather is enqueued (ok=False: cancelled,
+    S: write End(gen, seq, ok) right after the last chunk's send is posted (ok=False: cancelled,
        the payload after the cancel is filler); R reads it before the last scatter. A transfer's
        End always comes before the next transfer's Header.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cluster.kv_transport.api import FailureReason, KVTransferError, PeerRef, TransferFuture, TransferResult
@@ -46,7 +46,7 @@ class Transfer:
         direction: Direction,
         transfer_id: str,
         peer: PeerRef,
-        block_ids: tuple[int, ...],
+        block_ids: Sequence[int],  # (an int64 numpy array from `validate_blocks`)
         num_tokens: int,
         num_layers: int,
         num_bytes: int,

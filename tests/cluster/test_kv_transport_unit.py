@@ -136,7 +136,17 @@ def test_config_and_inputs_are_validated_with_the_bad_value_named():
     assert TransportConfig(deadline_base_s=2, deadline_bandwidth=1e9).transfer_timeout_s(3 * 10**9) == 5
     with pytest.raises(ValueError, match="need 3 blocks"):
         validate_blocks(SPEC, 32, [1, 2], 9)
-    assert validate_blocks(SPEC, 32, [5, 6, 7, 8], 9) == (5, 6, 7)  # a trailing spare block is ignored
+    assert validate_blocks(SPEC, 32, [5, 6, 7, 8], 9).tolist() == [5, 6, 7]  # a trailing spare block is ignored
+    ids = [5, 6, 7]
+    blocks = validate_blocks(SPEC, 32, ids, 9)
+    ids[0] = 9
+    assert blocks.tolist() == [5, 6, 7]  # a copy: the caller may reuse its list
+    with pytest.raises(ValueError, match="integers"):
+        validate_blocks(SPEC, 32, [1.0, 2, 3], 9)
+    with pytest.raises(ValueError, match="integers"):
+        validate_blocks(SPEC, 32, ["1", "2", "3"], 9)
+    with pytest.raises(ValueError, match="integers"):
+        validate_blocks(SPEC, 32, [1, 2, 2**70], 9)
     with pytest.raises(ValueError, match="outside"):
         validate_blocks(SPEC, 32, [1, 2, 40], 9)
     with pytest.raises(ValueError, match="repeat"):
@@ -619,6 +629,53 @@ def test_a_caller_never_waits_for_a_lock_held_across_a_wait_for_the_compute(monk
         assert all(f.result(10) for f in [stream.finish(), whole, *got])
         for _, blocks in plan:
             assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+    finally:
+        prefill.close()
+        decode.close()
+
+
+class _GatedCountingOps(PollingGlooOps):
+    """Polling gloo whose sends of one tag complete only once released; counts the pair thread's polls."""
+
+    def __init__(self, device, config) -> None:
+        super().__init__(device, config)
+        self.gated_tag = -1
+        self.release = threading.Event()
+        self.num_pair_polls = 0
+
+    def send(self, group, tensor, tag):
+        work = super().send(group, tensor, tag)
+        work.tag = tag
+        return work
+
+    def poll(self, work) -> bool:
+        if threading.current_thread().name.startswith("kvt-send"):
+            self.num_pair_polls += 1
+        if getattr(work, "tag", None) == self.gated_tag and not self.release.is_set():
+            return False
+        return super().poll(work)
+
+
+def test_a_sender_waiting_on_a_slow_send_backs_off_its_polling(monkeypatch):
+    """Each poll of the pair thread takes the GIL from the caller's thread (which, on a burst, is
+    posting the next transfers): while nothing completes, the polls thin out to one a millisecond
+    (at a fixed 200 us there were 3-5 a millisecond) and the send still completes once it can."""
+    prefill, decode, kv_p, kv_d, sender_ops = _two_polling_transports(monkeypatch, _GatedCountingOps)
+    try:
+        warm = decode.expect(prefill.local, "warm", [0], 1)  # builds the group (seq 0, tag 1)
+        assert prefill.send(decode.local, "warm", [1], 1).result(10) and warm.result(10)
+        got = decode.expect(prefill.local, "slow", list(range(8)), 32)
+        sender_ops.gated_tag = 2  # "slow" goes as seq 1
+        sent = prefill.send(decode.local, "slow", list(range(63, 55, -1)), 32)
+        time.sleep(0.02)  # past the back-off's first steps
+        before, start = sender_ops.num_pair_polls, time.monotonic()
+        time.sleep(0.2)
+        polls_per_ms = (sender_ops.num_pair_polls - before) / ((time.monotonic() - start) * 1e3)
+        assert 0 < polls_per_ms <= 1.5, polls_per_ms
+        assert not sent.done()
+        sender_ops.release.set()
+        assert sent.result(10) and got.result(10)
+        assert torch.equal(kv_d[:, :, list(range(8))], kv_p[:, :, list(range(63, 55, -1))])
     finally:
         prefill.close()
         decode.close()
