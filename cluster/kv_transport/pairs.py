@@ -341,7 +341,7 @@ class SendPair(Pair):
                 if not self._group_is_fresh():
                     return False
                 self._current = transfer
-            with self._sending(transfer), self.host.ops.on_stream(self._stream):
+            with self._sending(transfer) as left, self.host.ops.on_stream(self._stream):
                 if self._inflight and not self.host.ops.can_poll:
                     return False  # the pair thread is waiting for those sends (gloo)
                 chunks = self._chunks(len(transfer.block_ids), whole=True)
@@ -351,9 +351,7 @@ class SendPair(Pair):
                 if outgoing is not None:
                     self._post(transfer, outgoing, may_wait=False)
                     if not outgoing.posted_all:
-                        with self._cv:
-                            self._started = (transfer, outgoing)
-                            self._cv.notify()
+                        left.append((transfer, outgoing))  # the pair thread posts the rest
                 if self.host.ops.can_poll:
                     self._reap(block=False)  # after posting: the wire first, finished transfers after
             return True
@@ -384,25 +382,20 @@ class SendPair(Pair):
             return False
         return not self._channel_closed()
 
-    def _next(self) -> tuple[Transfer, _Outgoing | None] | None:
-        """The next transfer to post (with its state if a caller began it); meanwhile resolve
-        in-flight ones as their sends complete."""
+    def _await_work(self) -> bool:
+        """Wait until a transfer is queued or handed over by a caller's thread (False once closed);
+        meanwhile resolve in-flight ones as their sends complete."""
         next_dead_check = time.monotonic() + _DEAD_CHECK_S
         can_poll = self.host.ops.can_poll
         poll_s = _POLL_S
         while True:
             with self._cv:
-                if self._started is not None:
-                    started, self._started = self._started, None
-                    self._current = started[0]
-                    return started
                 while self._queue and self._queue[0].is_final:
                     self._queue.popleft()
                 if self.closed:
-                    return None
-                if self._queue:
-                    self._current = self._queue.popleft()
-                    return self._current, None
+                    return False
+                if self._started is not None or self._queue:
+                    return True
                 if not self._inflight:
                     self._parked = True
                     self._cv.wait()
@@ -425,37 +418,68 @@ class SendPair(Pair):
             finally:
                 self._post_lock.release()
 
+    def _take_next(self) -> tuple[Transfer, _Outgoing | None] | None:
+        """What the pair thread posts now (`_post_lock` held): the rest of a transfer a caller's
+        thread began, else the queue's head. Taken only under the lock, so no caller's thread is
+        part-way through a transfer: a transfer's chunks go out back to back, never interleaved
+        with another's (NCCL matches sends to receives in posting order)."""
+        with self._cv:
+            while self._queue and self._queue[0].is_final:
+                self._queue.popleft()
+            if self.closed:
+                return None
+            if self._started is not None:
+                item, self._started = self._started, None
+            elif self._queue:
+                item = (self._queue.popleft(), None)
+            else:
+                return None
+            self._current = item[0]
+            return item
+
     def _run(self) -> None:
-        while (item := self._next()) is not None:
-            transfer, outgoing = item
-            with self._post_lock, self._sending(transfer):
-                if outgoing is None:
-                    with self._waiting():
-                        self._ensure_group(transfer)
-                    chunks = self._chunks(len(transfer.block_ids), transfer.whole)
-                    if self._staging_too_small(chunks, len(transfer.block_ids)):
-                        self._reap(block=True)  # nothing in flight may still read the buffers replaced
-                        self._last_post = [None] * len(self._last_post)
-                    outgoing = self._begin(transfer, chunks)
-                if outgoing is not None:
-                    self._post(transfer, outgoing, may_wait=True)
-                self._reap(block=not self.host.ops.can_poll)
+        while self._await_work():
+            with self._post_lock:
+                item = self._take_next()
+                if item is None:
+                    continue
+                transfer, outgoing = item
+                with self._sending(transfer):
+                    if outgoing is None:
+                        with self._waiting():
+                            self._ensure_group(transfer)
+                        chunks = self._chunks(len(transfer.block_ids), transfer.whole)
+                        if self._staging_too_small(chunks, len(transfer.block_ids)):
+                            self._reap(block=True)  # nothing in flight may still read the buffers replaced
+                            self._last_post = [None] * len(self._last_post)
+                        outgoing = self._begin(transfer, chunks)
+                    if outgoing is not None:
+                        self._post(transfer, outgoing, may_wait=True)
+                    self._reap(block=not self.host.ops.can_poll)
 
     @contextlib.contextmanager
-    def _sending(self, transfer: Transfer) -> Iterator[None]:
+    def _sending(self, transfer: Transfer) -> Iterator[list[tuple[Transfer, _Outgoing]]]:
         """Work on `transfer` as the current one (either thread, `_post_lock` held): a failure fails
-        the group and what is on it instead of propagating. (Whoever leaves work for the pair
-        thread wakes it: `_start_here` for chunks left, `_post` for sends to reap.)"""
+        the group and what is on it instead of propagating. A caller's thread puts the transfer it
+        leaves part-posted into the yielded list: it becomes `_started` in the same step that ends
+        this turn, and the pair thread takes it once the lock is free. (Whoever leaves work for the
+        pair thread wakes it: here for chunks left, `_post` for sends to reap.)"""
+        left: list[tuple[Transfer, _Outgoing]] = []
         try:
-            yield
+            yield left
         except CommError as exc:
+            left.clear()
             self._fail_group(exc, transfer)
         except Exception as exc:
+            left.clear()
             log.exception("KV transport: sending %s to %s failed", transfer.transfer_id, self.peer.name)
             self._fail_group(CommError(FailureReason.PROTOCOL_ERROR, f"internal error: {exc!r}"), transfer)
         finally:
             with self._cv:
                 self._current = None
+                if left:
+                    self._started = left[0]
+                    self._cv.notify()
 
     def _fail_group(self, exc: CommError, transfer: Transfer | None) -> None:
         """The group is unusable: fail what is on it, drop it (and the store link), maybe close."""

@@ -679,3 +679,27 @@ def test_a_sender_waiting_on_a_slow_send_backs_off_its_polling(monkeypatch):
     finally:
         prefill.close()
         decode.close()
+
+
+def test_the_pair_thread_takes_its_next_transfer_only_under_the_post_lock(monkeypatch):
+    """NCCL matches sends to receives in posting order, so one transfer's chunks must never be
+    interleaved with another's. A caller's thread that leaves a transfer part-posted hands the rest
+    over at the end of its turn, under the post lock; were the pair thread to pick a transfer while
+    a caller still held the lock, the next caller could begin a new transfer in the gap (seen on two
+    H200s: a header went out before the last transfer's end marker, and both sides hung)."""
+    prefill, decode, kv_p, kv_d, _ = _two_polling_transports(monkeypatch, PollingGlooOps)
+    try:
+        warm = decode.expect(prefill.local, "warm", [0], 1)
+        assert prefill.send(decode.local, "warm", [1], 1).result(10) and warm.result(10)
+        got = decode.expect(prefill.local, "queued", list(range(8)), 32)
+        pair = prefill._send_pairs[decode.local.worker_id]
+        with pair._post_lock:  # as a caller's thread part-way through its turn
+            sent = prefill.send(decode.local, "queued", list(range(63, 55, -1)), 32)  # finds the lock taken: queued
+            time.sleep(0.05)
+            with pair._cv:
+                assert list(pair._queue) and pair._current is None, "the pair thread took a transfer without the lock"
+        assert sent.result(10) and got.result(10)
+        assert torch.equal(kv_d[:, :, list(range(8))], kv_p[:, :, list(range(63, 55, -1))])
+    finally:
+        prefill.close()
+        decode.close()
