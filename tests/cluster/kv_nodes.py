@@ -95,6 +95,14 @@ class Node:
         self.futures[transfer_id] = self.transport.send(peer, transfer_id, block_ids, num_tokens)
         return block_ids
 
+    def send_burst(self, peer: Any, transfers: list[tuple[str, int]]) -> dict[str, list[int]]:
+        """Allocate every transfer's blocks, then submit the whole sends back to back (as a prefill
+        that finishes several prompts in one step does)."""
+        blocks = {tid: self.allocate(tid, num_tokens) for tid, num_tokens in transfers}
+        for tid, num_tokens in transfers:
+            self.futures[tid] = self.transport.send(peer, tid, blocks[tid], num_tokens)
+        return blocks
+
     def open_send(self, peer: Any, transfer_id: str, num_tokens: int) -> list[int]:
         block_ids = self.allocate(transfer_id, num_tokens)
         stream = self.transport.open_send(peer, transfer_id, block_ids, num_tokens)

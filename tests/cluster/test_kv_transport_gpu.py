@@ -2,8 +2,8 @@
 
 Proves on real hardware what the gloo tests prove on CPU: whole-prompt and layer-wise transfers
 land bit-exact in the named blocks, a layer-wise sender's transfer stream really waits for the
-compute stream's writes (a spin kernel delays each write), and an abort mid-transfer stops the
-receiver's writes at once.
+compute stream's writes (a spin kernel delays each write), bursts of many-chunk transfers stay in
+order, and an abort mid-transfer stops the receiver's writes at once.
 """
 
 from __future__ import annotations
@@ -64,6 +64,24 @@ def test_nccl_whole_prompt_transfers_land_bit_exact(gpus):
     for tid in src:
         prefill.call("release", tid)
         decode.call("release", tid)
+    assert decode.call("block_stats")["num_used"] == prefill.call("block_stats")["num_used"] == 0
+
+
+def test_nccl_bursts_of_many_chunk_transfers_stay_in_order_and_land_bit_exact(gpus):
+    """Whole sends submitted back to back, each cut into 14 chunks through 3 staging buffers: the
+    caller's thread begins each one and the pair thread posts what is left. NCCL matches sends to
+    receives in posting order, so a transfer begun between another's chunks hangs both sides or
+    lands the wrong bytes (seen at f3feae1 with 16 MiB chunks of 4096-token transfers)."""
+    prefill, decode = gpus
+    for burst in range(20):
+        plan = [(f"b{burst}/{i}", 1024) for i in range(6)]  # 2 MiB a layer: 2 layers a 4 MiB chunk
+        dst = {tid: decode.call("expect", prefill.peer, tid, n) for tid, n in plan}
+        src = prefill.call("send_burst", decode.peer, plan)
+        for tid, _ in plan:
+            _check(prefill, decode, tid, src[tid], dst[tid])
+        for tid, _ in plan:
+            prefill.call("release", tid)
+            decode.call("release", tid)
     assert decode.call("block_stats")["num_used"] == prefill.call("block_stats")["num_used"] == 0
 
 
