@@ -17,9 +17,10 @@ Slots are counted across transfers on both sides: the sender starts the next tra
 last one's sends are on the wire, and the receiver reads the next header and posts its receives
 while the last transfer's chunks are still arriving (`RecvPair._post_ready`). Back-to-back
 transfers to one receiver leave the link no gap of the protocol's making; what is left is host
-time. On two H200s, bursts of 8192-token (and longer) transfers ran at 0.85-0.91 of raw NCCL and
-4096-token ones at 0.74-0.87, where each costs ~0.5 ms of Python a side against 0.65 ms on the
-wire (benchmarks/results/kv_transfer_NOTES.md).
+time. On two H200s, bursts of 8192-token (and longer) transfers ran at 0.87-0.93 of raw NCCL and
+4096-token ones at 0.65-0.85, by the host's state: the sender's caller posts each transfer in
+~0.5-0.6 ms of Python against 0.67 ms on the wire, and a burst pays ~0.7 ms more than raw to start
+and finish (benchmarks/results/kv_transfer_NOTES.md).
 Chunks: a whole-prompt transfer is cut into `config.chunk_bytes` pieces; a layer-wise stream
 into at most `config.stream_chunk_layers` layers, so little is left to send when the prefill's
 last layer is done.
@@ -275,13 +276,15 @@ class SendPair(Pair):
     hand-off to the pair thread costs 0.1-0.3 ms on the GPU hosts, longer than a gather of 4096
     tokens' KV; the pair thread posts what is left (`_started`) and completes the transfer.
     `_post_lock` is held by whichever thread posts on the group or changes its state; lock order:
-    `_post_lock`, then `_cv`. A caller's thread that finds it taken waits for it, briefly
-    (`_CALLER_WAIT_S`), unless the holder is waiting on the peer or on the prefill's compute
-    (`_holder_waits`): then it leaves its transfer to the queue at once. Why wait at all: the
-    pair thread can only run while the caller's thread gives up the GIL, and a caller that
-    queues and goes on with Python work (submitting the next transfers) keeps it for up to the
-    interpreter's switch interval (5 ms). On two H200s a burst of 4096-token sends lost ~1 ms
-    of wire time per burst that way, the pair thread holding the lock while it had no GIL.
+    `_post_lock`, then `_cv`. The pair thread picks its next transfer only while holding it, so a
+    transfer's chunks always go out back to back (NCCL matches in posting order). A caller's
+    thread that finds it taken waits for it, briefly (`_CALLER_WAIT_S`), unless the holder is
+    waiting on the peer or on the prefill's compute (`_holder_waits`): then it leaves its transfer
+    to the queue at once. Why wait at all: the pair thread can only run while the caller's thread
+    gives up the GIL, and a caller that queues and goes on with Python work (submitting the next
+    transfers) keeps it for up to the interpreter's switch interval (5 ms). On two H200s a burst
+    of 4096-token sends lost ~1 ms of wire time per burst that way, the pair thread holding the
+    lock while it had no GIL.
     """
 
     role = "send"
