@@ -385,7 +385,7 @@ class SendPair(Pair):
             return False
         return not self._channel_closed()
 
-    def _await_work(self) -> bool:
+    def _await_transfers(self) -> bool:
         """Wait until a transfer is queued or handed over by a caller's thread (False once closed);
         meanwhile resolve in-flight ones as their sends complete."""
         next_dead_check = time.monotonic() + _DEAD_CHECK_S
@@ -441,7 +441,7 @@ class SendPair(Pair):
             return item
 
     def _run(self) -> None:
-        while self._await_work():
+        while self._await_transfers():
             with self._post_lock:
                 item = self._take_next()
                 if item is None:
