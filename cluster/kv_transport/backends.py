@@ -248,8 +248,8 @@ class IndexUploader:
     - the copy out of its pinned row has run (an event recorded after the copy), and
     - nobody holds the device tensor it handed out (a weak reference): every gather or scatter
       that read it was then issued on this stream before the next copy into the row.
-    When the next slot is not free, or a transfer has more ids than a row holds, a fresh pinned
-    buffer is used instead. Why never a host wait: a slot's copy may sit on the pair's stream
+    When no slot is free, or a transfer has more ids than a row holds, a fresh pinned buffer is
+    used instead. Why never a host wait: a slot's copy may sit on the pair's stream
     behind gathers that wait for the prefill's compute (a wait there was the suspected cause of a
     goodput regression on two H200s at e6ebffa). Call it with `stream` current (a pair thread, or
     the caller's thread inside `on_stream`)."""
@@ -275,20 +275,33 @@ class IndexUploader:
         count = index.numel()
         if count > self._capacity:
             self._grow(count)
-        slot = self._next
-        lent, copied = self._lent[slot], self._copied[slot]
-        if (lent is not None and lent() is not None) or (copied is not None and not copied.query()):
+        slot = self._free_slot()
+        if slot is None:
             self.num_fresh += 1
             return index.pin_memory().to(self.device, non_blocking=True)
         self._next = (slot + 1) % self.NUM_SLOTS
         self._host[slot][:count] = index.numpy()
         out = self._rows[slot][:count]
         out.copy_(self._pinned[slot][:count], non_blocking=True)
+        copied = self._copied[slot]
         if copied is None:
             copied = self._copied[slot] = torch.cuda.Event()
         copied.record(self.stream)
         self._lent[slot] = weakref.ref(out)
         return out
+
+    def _free_slot(self) -> int | None:
+        """The first slot from `_next` on that lends nothing, if its last copy has run (else None).
+
+        A receiver's slot stays lent from its `expect` until the header (see `RecvPair._preload`),
+        so lent slots are passed over; one event query at most (copies run in issue order)."""
+        for step in range(self.NUM_SLOTS):
+            slot = (self._next + step) % self.NUM_SLOTS
+            lent = self._lent[slot]
+            if lent is None or lent() is None:
+                copied = self._copied[slot]
+                return slot if copied is None or copied.query() else None
+        return None
 
     def _grow(self, count: int) -> None:
         """New rows for every slot; the old ones stay alive while a transfer holds one (its copy is

@@ -252,6 +252,7 @@ class DistTransport(KVTransport):
             stale.close(FailureReason.PEER_GONE, f"{peer.worker_id} moved to {peer.host}:{peer.port}")
 
     def _final(self, transfer: Transfer, reason: FailureReason | None) -> None:
+        transfer.device_index = None
         with self._lock:
             if self._active.get(transfer.key) is transfer:
                 del self._active[transfer.key]

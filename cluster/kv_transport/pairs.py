@@ -771,8 +771,10 @@ class RecvPair(Pair):
         self._incoming: deque[_Incoming] = deque()
         self._num_in_flight = 0
         self._num_posted = 0
+        self._upload_lock = threading.Lock()  # the index ring serves callers' threads and the pair thread
 
     def post(self, transfer: Transfer) -> None:
+        self._preload(transfer)  # (before the transfer can be found: its header may be on the way)
         with self._lock:
             failure = None
             if self.closed:
@@ -801,6 +803,30 @@ class RecvPair(Pair):
                 chan.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):  # our own store is going away too
             self.host.push_control(self.prefix, encode(Wake()))
+
+    def _preload(self, transfer: Transfer) -> None:
+        """Put an expected transfer's block indices on the device now, on the caller's thread.
+
+        The receiver knows its blocks long before the sender starts (decode allocates first), so the
+        upload need not wait for the header: on two H200s it took ~0.1 ms of the ~0.25 ms between
+        a 4096-token transfer's header arriving and its first receive being posted, the step the
+        sender's first chunk waited for. Until the pair thread has made its stream, the upload
+        happens at the header instead."""
+        upload = self._upload_index
+        if upload is None:
+            return
+        try:
+            with self._upload_lock, self.host.ops.on_stream(self._stream):
+                transfer.device_index = upload(transfer.index)
+        except Exception:  # the header's upload is the fallback; if that fails too, the pair fails the transfer
+            log.exception("KV transport: early upload of %s's block indices failed", transfer.transfer_id)
+
+    def _device_index(self, transfer: Transfer) -> Any:
+        index, transfer.device_index = transfer.device_index, None
+        if index is not None:
+            return index
+        with self._upload_lock:
+            return self._upload_index(transfer.index)
 
     def _take(self, transfer_id: str) -> Transfer | None:
         with self._lock:
@@ -978,7 +1004,7 @@ class RecvPair(Pair):
             ops, group = self.host.ops, self.group
             with transfer.lock:
                 transfer.abort_group = lambda: abort_group_async(ops, group)
-            incoming.index = self._upload_index(transfer.index)
+            incoming.index = self._device_index(transfer)
         self._incoming.append(incoming)
         self._post_ready()
 

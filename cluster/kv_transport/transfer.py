@@ -60,6 +60,9 @@ class Transfer:
         self.peer = peer
         self.block_ids = block_ids
         self.index: Any = None  # block_ids as an int64 CPU tensor, made by the caller's thread
+        # Receiver: the indices already on the device (uploaded by expect's thread); the pair takes
+        # them at the header, and a final transfer lets go of them (they hold an upload slot).
+        self.device_index: Any = None
         self.num_tokens = num_tokens
         self.num_layers = num_layers
         self.num_bytes = num_bytes

@@ -55,6 +55,21 @@ def test_a_slot_still_held_is_not_reused(stream):
     assert upload.num_fresh == 3  # the ring was full: the last three took fresh buffers
 
 
+def test_a_slot_held_long_is_passed_over_not_waited_for(stream):
+    """A receiver's upload stays lent from its expect to its header: the ring must go around it."""
+    upload, rng = IndexUploader(torch.device("cuda", 0), stream), random.Random(3)
+    with torch.cuda.stream(stream):
+        kept_ids = _ids(rng, 64)
+        kept = upload(kept_ids)
+        for _ in range(3 * IndexUploader.NUM_SLOTS):  # every later upload is dropped after use
+            ids = _ids(rng, 64)
+            got = upload(ids)
+            stream.synchronize()
+            assert torch.equal(got.cpu(), ids)
+        assert torch.equal(kept.cpu(), kept_ids)
+    assert upload.num_fresh == 0
+
+
 def test_pending_kernels_read_the_ids_they_were_issued_with(stream):
     """Every upload and gather waits behind a spin kernel; the host drops each index at once and
     uploads again (more uploads than slots). A reused row would change what a pending gather reads."""

@@ -703,3 +703,54 @@ def test_the_pair_thread_takes_its_next_transfer_only_under_the_post_lock(monkey
     finally:
         prefill.close()
         decode.close()
+
+
+class _RecordingUploadOps(GlooOps):
+    """gloo whose index uploads are recorded: which thread, which ids."""
+
+    def __init__(self, device, config) -> None:
+        super().__init__(device, config)
+        self.uploads: list[tuple[str, list[int]]] = []
+
+    def index_uploader(self, stream):
+        def upload(index):
+            self.uploads.append((threading.current_thread().name, index.tolist()))
+            return index.clone()
+
+        return upload
+
+
+def test_a_receiver_puts_an_expected_transfers_indices_up_before_its_header_arrives(monkeypatch):
+    """Decode allocates first, so its indices go up on expect's thread, off the path from the
+    header to the first posted receive; the pair thread uses them, and the ended transfer drops them."""
+    from cluster.kv_transport.transfer import Direction
+
+    monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: _RecordingUploadOps(device, config))
+    config = TransportConfig(chunk_bytes=1024, deadline_base_s=5.0, connect_timeout_s=5.0)
+    kv_p, kv_d = cache(1), cache(2)
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    try:
+        warm = decode.expect(prefill.local, "warm", [0], 1)  # starts the receiving pair and its thread
+        prefill.send(decode.local, "warm", [0], 1).result(10)
+        warm.result(10)
+        decode.ops.uploads.clear()
+        received = decode.expect(prefill.local, "t", [5, 9, 2], 12)
+        transfer = decode._active[(Direction.RECV, "t")]
+        assert decode.ops.uploads == [(threading.current_thread().name, [5, 9, 2])]
+        assert transfer.device_index is not None
+        prefill.send(decode.local, "t", [7, 1, 30], 12).result(10)
+        received.result(10)
+        assert decode.ops.uploads == [(threading.current_thread().name, [5, 9, 2])]  # none at the header
+        assert transfer.device_index is None
+        assert torch.equal(kv_d[:, :, [5, 9, 2]], kv_p[:, :, [7, 1, 30]])
+        # An expect that fails before its header lets go of its indices too.
+        doomed = decode.expect(prefill.local, "doomed", [3], 1)
+        doomed_transfer = decode._active[(Direction.RECV, "doomed")]
+        assert doomed_transfer.device_index is not None
+        assert decode.abort("doomed")
+        assert doomed.exception(5).reason is FailureReason.ABORTED
+        assert doomed_transfer.device_index is None
+    finally:
+        prefill.close()
+        decode.close()
