@@ -18,8 +18,8 @@ last one's sends are on the wire, and the receiver reads the next header and pos
 while the last transfer's chunks are still arriving (`RecvPair._post_ready`). Back-to-back
 transfers to one receiver leave the link no gap of the protocol's making; what is left is host
 time. On two H200s, bursts of 8192-token (and longer) transfers ran at 0.87-0.93 of raw NCCL and
-4096-token ones at 0.84-0.88 (0.65-0.85 before the receiver uploaded its indices at expect), by the
-host's state: the sender's caller posts each transfer in ~0.5 ms of Python against 0.67 ms on the
+4096-token ones at 0.84-0.88 at c567b80 (the code before it: 0.70-0.87 in the same machine
+sessions), by the host's state: the sender's caller posts each transfer in ~0.5 ms of Python against 0.67 ms on the
 wire, and a burst pays ~0.6 ms more than raw to start and finish
 (benchmarks/results/kv_transfer_NOTES.md).
 Chunks: a whole-prompt transfer is cut into `config.chunk_bytes` pieces; a layer-wise stream
