@@ -51,6 +51,33 @@ def plan_chunks(
     return chunks
 
 
+def split_edges(chunks: list[tuple[int, int]], bytes_per_layer: int, min_bytes: int) -> list[tuple[int, int]]:
+    """Cut a quarter of the layers (at least one) off the front of the first chunk and off the back
+    of the last, where that chunk holds at least `min_bytes` (0: never), e.g. [(0, 28)] -> [(0, 7),
+    (7, 21), (21, 28)]. The first gather and the last scatter are the copies that cannot overlap
+    the wire; this makes them small."""
+    if not min_bytes or not chunks:
+        return list(chunks)
+
+    def edge(chunk: tuple[int, int], pieces: int) -> int:
+        layers = chunk[1] - chunk[0]
+        if layers < pieces or layers * bytes_per_layer < min_bytes:
+            return 0
+        return max(1, layers // 4)
+
+    if len(chunks) == 1:
+        (start, end), cut = chunks[0], edge(chunks[0], 3)
+        return [(start, start + cut), (start + cut, end - cut), (end - cut, end)] if cut else list(chunks)
+    out = list(chunks)
+    (start, end), cut = out[0], edge(out[0], 2)
+    if cut:
+        out[0:1] = [(start, start + cut), (start + cut, end)]
+    (start, end), cut = out[-1], edge(out[-1], 2)
+    if cut:
+        out[-1:] = [(start, end - cut), (end - cut, end)]
+    return out
+
+
 def chunk_words(rows: torch.Tensor, layers: tuple[int, int], num_blocks: int) -> int:
     return 2 * (layers[1] - layers[0]) * num_blocks * rows.shape[2]
 

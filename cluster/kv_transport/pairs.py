@@ -207,11 +207,17 @@ class Pair(abc.ABC):
         """The generation's rendezvous namespace, on a connection of its own (c10d may use it from its threads)."""
         return dist.PrefixStore(f"{prefix}/{group_prefix(gen)}", store.clone())
 
-    def _chunks(self, num_blocks: int, whole: bool) -> list[tuple[int, int]]:
+    def _chunks(self, num_blocks: int, whole: bool, idle: bool = False) -> list[tuple[int, int]]:
+        """A transfer's layer chunks; a whole send to an idle pair gets small edge chunks
+        (`TransportConfig.edge_split_bytes`): with sends in flight, the wire is busy with those
+        while the first gather runs, and the extra chunks' host time would slow a burst."""
         config = self.host.config
         bytes_per_layer = num_blocks * self.host.spec.bytes_per_block_layer
         max_layers = None if whole else config.stream_chunk_layers
-        return kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, config.chunk_bytes, max_layers)
+        chunks = kv_io.plan_chunks(self.host.spec.num_layers, bytes_per_layer, config.chunk_bytes, max_layers)
+        if whole and idle:
+            chunks = kv_io.split_edges(chunks, bytes_per_layer, config.edge_split_bytes)
+        return chunks
 
 
 def _readable(chan: socket.socket) -> bool:
@@ -348,7 +354,7 @@ class SendPair(Pair):
             with self._sending(transfer) as left, self.host.ops.on_stream(self._stream):
                 if self._inflight and not self.host.ops.can_poll:
                     return False  # the pair thread is waiting for those sends (gloo)
-                chunks = self._chunks(len(transfer.block_ids), whole=True)
+                chunks = self._chunks(len(transfer.block_ids), whole=True, idle=not self._inflight)
                 if self._inflight and self._staging_too_small(chunks, len(transfer.block_ids)):
                     return False  # growing the buffers waits for the sends in flight
                 outgoing = self._begin(transfer, chunks)
@@ -452,7 +458,9 @@ class SendPair(Pair):
                     if outgoing is None:
                         with self._waiting():
                             self._ensure_group(transfer)
-                        chunks = self._chunks(len(transfer.block_ids), transfer.whole)
+                        with self._cv:
+                            idle = not self._inflight and not self._queue
+                        chunks = self._chunks(len(transfer.block_ids), transfer.whole, idle)
                         if self._staging_too_small(chunks, len(transfer.block_ids)):
                             self._reap(block=True)  # nothing in flight may still read the buffers replaced
                             self._last_post = [None] * len(self._last_post)

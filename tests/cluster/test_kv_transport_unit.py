@@ -85,6 +85,28 @@ def test_a_stream_is_cut_into_at_most_max_layers_per_chunk():
     assert kv_io.plan_chunks(5, 100, 250, max_layers=4) == [(0, 2), (2, 4), (4, 5)]  # bytes still cap it
 
 
+def test_edge_chunks_take_a_quarter_of_the_first_and_last_chunk_when_those_are_big_enough():
+    assert kv_io.split_edges([(0, 28)], 8, 128) == [(0, 7), (7, 21), (21, 28)]
+    assert kv_io.split_edges([(0, 14), (14, 28)], 16, 128) == [(0, 3), (3, 14), (14, 25), (25, 28)]
+    fours = kv_io.plan_chunks(28, 64, 256)
+    assert kv_io.split_edges(fours, 64, 256) == [(0, 1), (1, 4), *fours[1:-1], (24, 27), (27, 28)]
+    assert kv_io.split_edges([(0, 28)], 4, 128) == [(0, 28)]  # 112 bytes: below the floor
+    assert kv_io.split_edges([(0, 28)], 8, 0) == [(0, 28)]  # 0: never
+    assert kv_io.split_edges([(0, 2)], 10**9, 1) == [(0, 2)]  # one chunk needs 3 layers for 3 pieces
+    assert kv_io.split_edges([(0, 1), (1, 2)], 10**9, 1) == [(0, 1), (1, 2)]  # a layer is never split
+    for layers in range(1, 30):
+        for per_layer in (1, 3, 10):
+            for chunks in (kv_io.plan_chunks(layers, per_layer, 4 * per_layer), [(0, layers)]):
+                split = kv_io.split_edges(chunks, per_layer, 1)
+                assert [layer for a, b in split for layer in range(a, b)] == list(range(layers))
+                assert all(b > a for a, b in split) and len(split) <= len(chunks) + 2
+
+
+def test_transport_config_rejects_a_negative_edge_split():
+    with pytest.raises(ValueError, match="edge_split_bytes"):
+        TransportConfig(edge_split_bytes=-1)
+
+
 def test_staging_buffers_come_in_the_configured_depth_and_only_grow():
     staging = kv_io.StagingBuffers(torch.int64, torch.device("cpu"), depth=3)
     first = staging.reserve(10)
@@ -348,7 +370,9 @@ class PollingGlooOps(GlooOps):
 
 def test_a_sender_that_can_poll_completions_runs_ahead_and_stays_bit_exact(monkeypatch):
     monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: PollingGlooOps(device, config))
-    config = TransportConfig(chunk_bytes=1024, deadline_base_s=5.0, connect_timeout_s=5.0)
+    # 20 s: c10d looks up the peer's name (reverse DNS) on every store connection, and a dropped
+    # lookup costs the resolver's 5 s timeout (seen in the CI sandbox), so 5 s could fail a test.
+    config = TransportConfig(chunk_bytes=1024, deadline_base_s=20.0, connect_timeout_s=20.0)
     kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
     prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
     decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
@@ -404,6 +428,48 @@ def test_whole_sends_go_in_big_chunks_streams_in_small_ones_through_deep_staging
             "big": ((0, 1), (1, 2), (2, 3), (3, 4)),
             "stream": ((0, 1), (1, 2), (2, 3), (3, 4)),
         }
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_an_idle_pairs_whole_send_gets_small_edge_chunks_and_one_behind_another_does_not(monkeypatch):
+    """Chunks as the headers announce them: the first send on a fresh pair, with a second queued
+    behind it, keeps its one big chunk; the second (nothing left in flight: gloo waits for every
+    send) and a later lone send are cut into edges. Every transfer lands bit-exact."""
+    from cluster.kv_transport import pairs
+
+    headers = []
+    real_check = pairs.check_header
+    monkeypatch.setattr(pairs, "check_header", lambda header, spec: headers.append(header) or real_check(header, spec))
+    queued = threading.Event()
+    real_ensure = pairs.SendPair._ensure_group
+
+    def ensure_group(self, transfer):  # the group comes up only once the second send is queued
+        assert queued.wait(10)
+        real_ensure(self, transfer)
+
+    monkeypatch.setattr(pairs.SendPair, "_ensure_group", ensure_group)
+    # 256 bytes per block and layer: 16 blocks make 4 KiB a layer, 16 KiB a transfer (one chunk).
+    config = TransportConfig(edge_split_bytes=8192, deadline_base_s=20.0, connect_timeout_s=20.0)
+    kv_p, kv_d = cache(1, shape=(4, 2, 64, 4, 2, 8)), cache(2, shape=(4, 2, 64, 4, 2, 8))
+    prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
+    decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
+    try:
+        plan = [(f"t{i}", list(range(16 * i, 16 * i + 16)), 64) for i in range(3)]
+        received = [decode.expect(prefill.local, tid, blocks, n) for tid, blocks, n in plan]
+        sent = [prefill.send(decode.local, tid, [63 - b for b in blocks], n) for tid, blocks, n in plan[:2]]
+        queued.set()
+        for future in sent:
+            future.result(20)
+        tid, blocks, n = plan[2]
+        sent.append(prefill.send(decode.local, tid, [63 - b for b in blocks], n))
+        for future in sent + received:
+            future.result(20)
+        for _, blocks, _ in plan:
+            assert torch.equal(kv_d[:, :, blocks], kv_p[:, :, [63 - b for b in blocks]])
+        edges = ((0, 1), (1, 3), (3, 4))
+        assert {h.transfer_id: h.chunks for h in headers} == {"t0": ((0, 4),), "t1": edges, "t2": edges}
     finally:
         prefill.close()
         decode.close()
@@ -726,7 +792,9 @@ def test_a_receiver_puts_an_expected_transfers_indices_up_before_its_header_arri
     from cluster.kv_transport.transfer import Direction
 
     monkeypatch.setattr(dist_module, "make_ops", lambda backend, device, config: _RecordingUploadOps(device, config))
-    config = TransportConfig(chunk_bytes=1024, deadline_base_s=5.0, connect_timeout_s=5.0)
+    # 20 s: c10d looks up the peer's name (reverse DNS) on every store connection, and a dropped
+    # lookup costs the resolver's 5 s timeout (seen in the CI sandbox), so 5 s could fail a test.
+    config = TransportConfig(chunk_bytes=1024, deadline_base_s=20.0, connect_timeout_s=20.0)
     kv_p, kv_d = cache(1), cache(2)
     prefill = make_transport("gloo", kv=kv_p, local=PeerRef("p0", "1"), model_hash="m", config=config)
     decode = make_transport("gloo", kv=kv_d, local=PeerRef("d0", "1"), model_hash="m", config=config)
